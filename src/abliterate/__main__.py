@@ -1,0 +1,3 @@
+from abliterate.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""Residual capture and refusal directions.
+
+The refusal direction of layer l is the normalized difference between the mean residual (after
+layer l, at the last prompt token, in float32) over harmful prompts and over harmless ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from abliterate.errors import UserError
+from abliterate.model import Batch, ChatModel
+
+
+def capture_residuals(
+    model: ChatModel,
+    batches: Sequence[Batch],
+    layers: Sequence[nn.Module],
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Residuals at the last prompt token for every prompt and layer: (prompts, layers, hidden)."""
+    parts = []
+    for batch in batches:
+        parts.append(model.last_token_residuals(batch, layers))
+        if on_batch is not None:
+            on_batch(len(batch["input_ids"]))
+    return torch.cat(parts)
+
+
+def refusal_directions(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
+    """Unit mean-difference directions per layer, (layers, hidden), from (prompts, layers, hidden) residuals."""
+    for name, residuals in (("harmful", harmful), ("harmless", harmless)):
+        if not torch.isfinite(residuals).all():
+            raise UserError(f"the residuals of the {name} prompts contain NaN or inf; try another --dtypes (float32)")
+    difference = harmful.float().mean(dim=0) - harmless.float().mean(dim=0)
+    norms = difference.norm(dim=-1, keepdim=True)
+    if (norms == 0).any():
+        raise UserError("harmful and harmless prompts give identical mean residuals; check the prompt sets")
+    return difference / norms

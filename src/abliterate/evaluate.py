@@ -1,0 +1,104 @@
+"""Scoring a model: refusals on harmful prompts and KL divergence on harmless ones.
+
+`Evaluator` holds everything that does not change between trials: the tokenized eval batches and
+the original model's next-token log-probabilities, computed once. A trial then costs one greedy
+generation over the harmful batches (stopped per sequence as soon as a refusal marker appears) and
+one forward pass over the harmless batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+
+from abliterate.errors import UserError
+from abliterate.model import ChatModel
+
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
+
+
+def default_refusal_markers() -> list[str]:
+    text = resources.files("abliterate.data").joinpath("refusal_markers.txt").read_text("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def normalize(text: str) -> str:
+    return text.translate(_APOSTROPHES).lower()
+
+
+class RefusalDetector:
+    """A response is a refusal when it contains a marker (case-insensitive, apostrophes normalized)."""
+
+    def __init__(self, markers: Sequence[str]):
+        self.markers = [normalize(marker) for marker in markers if marker.strip()]
+        if not self.markers:
+            raise UserError("the refusal marker list is empty; give at least one marker")
+
+    def __call__(self, response: str) -> bool:
+        text = normalize(response)
+        return any(marker in text for marker in self.markers)
+
+
+def kl_divergence(reference_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(reference || other) per row, for (rows, vocab) log-probabilities."""
+    return (reference_logprobs.exp() * (reference_logprobs - logprobs)).sum(dim=-1)
+
+
+@dataclass(frozen=True)
+class Scores:
+    refusals: int
+    kl: float
+
+
+class NumericalFault(RuntimeError):
+    """NaN or inf where a number was expected: the trial is failed, the study goes on."""
+
+
+class Evaluator:
+    def __init__(
+        self,
+        model: ChatModel,
+        harmful_prompts: Sequence[str],
+        harmless_prompts: Sequence[str],
+        detector: RefusalDetector,
+        batch_size: int,
+        max_response_length: int,
+    ):
+        self.model = model
+        self.detector = detector
+        self.max_response_length = max_response_length
+        self.harmful_batches = model.encode(harmful_prompts, batch_size)
+        self.harmless_batches = model.encode(harmless_prompts, batch_size)
+        self.reference_logprobs = self._logprobs()
+        if not torch.isfinite(self.reference_logprobs).all():
+            raise UserError("the original model produces NaN or inf log-probabilities; try another --dtypes")
+
+    def responses(self, stop_early: bool = True) -> list[str]:
+        """Greedy responses to the harmful eval prompts; `stop_early` ends each at its first marker."""
+        finished = self.detector if stop_early else None
+        responses: list[str] = []
+        for batch in self.harmful_batches:
+            responses += self.model.generate(batch, self.max_response_length, finished)
+        return responses
+
+    def count_refusals(self, stop_early: bool = True) -> int:
+        return sum(self.detector(response) for response in self.responses(stop_early))
+
+    def kl(self) -> float:
+        """Mean KL(original || current) of the first response token over the harmless eval prompts."""
+        divergence = kl_divergence(self.reference_logprobs, self._logprobs()).mean().item()
+        if not math.isfinite(divergence):
+            raise NumericalFault(f"KL divergence is {divergence}")
+        return divergence
+
+    def score(self, stop_early: bool = True) -> Scores:
+        # KL first: it is one forward pass and catches a broken edit before the costly generation.
+        kl = self.kl()
+        return Scores(refusals=self.count_refusals(stop_early), kl=kl)
+
+    def _logprobs(self) -> torch.Tensor:
+        return torch.cat([self.model.next_token_logprobs(batch) for batch in self.harmless_batches])

@@ -1,0 +1,121 @@
+"""Saving the chosen result: the output folder, atomic writes, the model card.
+
+The output folder holds the study's SQLite file (by default) and the saved model in `model/`. A
+marker file says the folder is ours, so that an existing folder of someone else's is never
+written into. The model is written to a temporary folder beside its final place and renamed in
+one step: after a crash the folder is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from abliterate.errors import UserError
+
+MARKER = ".abliterate"
+MODEL_FOLDER = "model"
+
+
+def prepare_output(output: Path, source_folder: Path | None) -> None:
+    """Create the output folder, or accept it if it is ours; never inside the source model."""
+    output = output.resolve()
+    if source_folder is not None:
+        source = source_folder.resolve()
+        if output == source or source in output.parents:
+            raise UserError(f"--output {output} is inside the source model folder {source}; choose a folder outside it")
+    if output.exists():
+        if not output.is_dir():
+            raise UserError(f"--output {output} exists and is not a folder; choose another --output")
+        if any(output.iterdir()) and not (output / MARKER).is_file():
+            raise UserError(f"--output {output} exists and was not made by abliterate; choose another --output or empty it")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / MARKER).write_text("This folder was made by abliterate: a study and its saved model.\n")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    source_model: str
+    trial: int
+    params: dict
+    refusals: int
+    eval_prompts: int
+    baseline_refusals: int | None
+    kl: float
+    command: str
+
+    def markdown(self) -> str:
+        params = "\n".join(f"| `{name}` | {value:.4g} |" if isinstance(value, float) else f"| `{name}` | {value} |"
+                           for name, value in sorted(self.params.items()))
+        before = f"{self.baseline_refusals}/{self.eval_prompts}" if self.baseline_refusals is not None else "not measured"
+        return f"""---
+base_model: {self.source_model}
+tags:
+- abliterate
+- abliterated
+---
+# Abliterated {self.source_model}
+
+This model is [{self.source_model}]({self.source_model}) with its refusal direction ablated by
+`abliterate` (directional ablation, Arditi et al. 2024), parameters chosen by an Optuna study
+(trial {self.trial}).
+
+| | original | this model |
+|---|---|---|
+| refusals on harmful eval prompts | {before} | {self.refusals}/{self.eval_prompts} |
+| KL divergence from the original (harmless eval prompts, first token) | 0 | {self.kl:.4f} |
+
+## Parameters
+
+| parameter | value |
+|---|---|
+{params}
+
+## Command
+
+```
+{self.command}
+```
+"""
+
+
+def save_model(model, tokenizer, output: Path, card: ModelCard) -> Path:
+    """Write model, tokenizer, card and metadata to `output/model`, atomically replacing any earlier one."""
+    final = output / MODEL_FOLDER
+    partial = Path(tempfile.mkdtemp(prefix=f".{MODEL_FOLDER}.partial-", dir=output))
+    try:
+        model.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        (partial / "README.md").write_text(card.markdown(), "utf-8")
+        metadata = {"source_model": card.source_model, "trial": card.trial, "params": card.params,
+                    "refusals": card.refusals, "kl": card.kl}
+        (partial / "abliterate.json").write_text(json.dumps(metadata, indent=2), "utf-8")
+        _fsync_tree(partial)
+        if final.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{MODEL_FOLDER}.old-", dir=output))
+            os.replace(final, retired / MODEL_FOLDER)
+            os.replace(partial, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(partial, final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return final
+
+
+def clean_partials(output: Path) -> None:
+    """Remove what an interrupted save left behind."""
+    for leftover in output.glob(f".{MODEL_FOLDER}.*-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())

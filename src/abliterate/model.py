@@ -1,0 +1,254 @@
+"""Loading a chat model, formatting prompts, and the batched passes the study needs.
+
+`ChatModel` wraps a Hugging Face causal LM and its tokenizer. Prompts are formatted with the chat
+template and tokenized once into left-padded batches (`encode`); every later pass reuses them:
+residuals at the last prompt token, next-token log-probabilities, and greedy generation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+from abliterate.errors import UserError
+
+DEMO_MODEL_NAME = "abliterate-demo"
+Batch = dict[str, torch.Tensor]
+
+
+def demo_model_path() -> Path:
+    return Path(str(resources.files("abliterate.data").joinpath("demo_model")))
+
+
+@dataclass
+class ChatModel:
+    model: transformers.PreTrainedModel
+    tokenizer: transformers.PreTrainedTokenizerBase
+    source: str  # what the user asked for: hub id or folder
+    folder: Path | None  # local folder holding the weights, when there is one
+    system_prompt: str | None = None
+
+    @property
+    def name(self) -> str:
+        return DEMO_MODEL_NAME if self.folder == demo_model_path() else Path(self.source.rstrip("/")).name
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    # -- formatting and tokenization -------------------------------------------------------
+
+    def format(self, prompt: str) -> str:
+        messages = [{"role": "user", "content": prompt}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, prompts: Sequence[str], batch_size: int) -> list[Batch]:
+        """Tokenize once into left-padded batches on the input device, in the order given."""
+        batches = []
+        for start in range(0, len(prompts), batch_size):
+            texts = [self.format(prompt) for prompt in prompts[start : start + batch_size]]
+            # The template already holds any special tokens the model expects at the start.
+            encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            batches.append({key: value.to(self.input_device) for key, value in encoded.items() if key in ("input_ids", "attention_mask")})
+        return batches
+
+    # -- passes ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def next_token_logprobs(self, batch: Batch) -> torch.Tensor:
+        """Log-probabilities of the first response token, (batch, vocab), float32."""
+        logits = self.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1, :]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    @torch.inference_mode()
+    def last_token_residuals(self, batch: Batch, layers: Sequence[nn.Module]) -> torch.Tensor:
+        """The residual stream after every layer at the last prompt token, (batch, layers, hidden), float32."""
+        captured: list[torch.Tensor] = []
+
+        def keep_last_token(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            captured.append(hidden[:, -1, :].float().cpu())
+
+        handles = [layer.register_forward_hook(keep_last_token) for layer in layers]
+        try:
+            # Only the residuals are needed: skip the vocabulary projection but for one position.
+            self.model(**batch, use_cache=False, logits_to_keep=1)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.stack(captured, dim=1)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        batch: Batch,
+        max_new_tokens: int,
+        finished: Callable[[str], bool] | None = None,
+    ) -> list[str]:
+        """Greedy responses. A sequence stops at end-of-sequence, or as soon as `finished(text)` holds."""
+        criteria = transformers.StoppingCriteriaList()
+        prompt_length = batch["input_ids"].shape[1]
+        if finished is not None:
+            criteria.append(_StopWhen(self.tokenizer, prompt_length, finished))
+        output = self.model.generate(
+            **batch,
+            generation_config=self._greedy_config(max_new_tokens),
+            stopping_criteria=criteria,
+        )
+        return self.tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
+
+    def _greedy_config(self, max_new_tokens: int) -> transformers.GenerationConfig:
+        config = transformers.GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id,
+        )
+        return config
+
+    def auto_batch_size(self, longest_prompt: int, max_new_tokens: int) -> int:
+        """A batch size from free memory: the KV cache of a full-length sequence bounds it."""
+        if self.input_device.type != "cuda":
+            return 32
+        config = self.model.config.get_text_config()
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        bytes_per_token = 2 * config.num_hidden_layers * heads * head_dim * self.dtype.itemsize
+        # Activations and the logits of one position come on top of the cache; count them as much again.
+        per_sequence = 2 * bytes_per_token * (longest_prompt + max_new_tokens) + 4 * config.vocab_size * 4
+        free = min(torch.cuda.mem_get_info(device)[0] for device in _model_devices(self.model))
+        return int(max(1, min(256, 0.5 * free // per_sequence)))
+
+
+class _StopWhen(transformers.StoppingCriteria):
+    """Per-sequence stop: decode what each unfinished sequence generated and ask `finished`."""
+
+    def __init__(self, tokenizer, prompt_length: int, finished: Callable[[str], bool]):
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+        self.finished = finished
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor([self.finished(text) for text in texts], device=input_ids.device)
+
+
+def _model_devices(model: nn.Module) -> set[torch.device]:
+    return {parameter.device for parameter in model.parameters() if parameter.device.type == "cuda"}
+
+
+# -- loading -------------------------------------------------------------------------------
+
+
+def load_chat_model(
+    source: str | None,
+    dtypes: Sequence[str] = ("auto",),
+    device_map: str = "auto",
+    trust_remote_code: bool = False,
+    chat_template: Path | None = None,
+    system_prompt: str | None = None,
+) -> ChatModel:
+    """Load a model and tokenizer by hub id or local folder, trying dtypes in order."""
+    source = source or str(demo_model_path())
+    folder = _local_folder(source)
+    config = _load_config(source, trust_remote_code)
+    tokenizer = _load_tokenizer(source, trust_remote_code, chat_template)
+    model = None
+    errors = []
+    for dtype in dtypes:
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                source,
+                config=config,
+                dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                device_map=None if device_map == "none" else device_map,
+                trust_remote_code=trust_remote_code,
+            )
+            break
+        except (RuntimeError, TypeError, ValueError) as error:  # an unsupported dtype on this device
+            errors.append(f"{dtype}: {str(error).splitlines()[0]}")
+    if model is None:
+        raise UserError(f"cannot load {source} with any of the dtypes {', '.join(dtypes)} ({'; '.join(errors)})")
+    model.eval()
+    model.requires_grad_(False)
+    if folder is None:
+        folder = _hub_snapshot(source)
+    return ChatModel(model=model, tokenizer=tokenizer, source=source, folder=folder, system_prompt=system_prompt)
+
+
+def _local_folder(source: str) -> Path | None:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{source} is not a model folder: it has no config.json")
+        return path.resolve()
+    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep in source.replace("/", "")
+    if looks_like_path or path.exists():
+        raise UserError(f"model folder {source} does not exist")
+    return None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _load_config(source: str, trust_remote_code: bool) -> transformers.PretrainedConfig:
+    try:
+        return transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        if _offline():
+            raise UserError(
+                f"model {source!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it; "
+                "download it first or pass a local folder"
+            ) from None
+        raise UserError(f"cannot load model {source!r}: {str(error).splitlines()[0]}") from None
+    except ValueError as error:
+        message = str(error)
+        if "trust_remote_code" in message:
+            raise UserError(
+                f"model {source!r} runs its own code; pass --trust-remote-code true if you trust its authors"
+            ) from None
+        raise UserError(f"cannot load model {source!r}: {message.splitlines()[0]}") from None
+
+
+def _load_tokenizer(source: str, trust_remote_code: bool, chat_template: Path | None):
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load the tokenizer of {source!r}: {str(error).splitlines()[0]}") from None
+    if chat_template is not None:
+        if not chat_template.is_file():
+            raise UserError(f"chat template file {chat_template} does not exist")
+        tokenizer.chat_template = chat_template.read_text("utf-8")
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"the tokenizer of {source!r} has no chat template; pass one with --chat-template FILE (Jinja)")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        # Left padding is masked out, so any token will do; prefer one the model knows as a boundary.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if tokenizer.pad_token is None:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
+
+
+def _hub_snapshot(source: str) -> Path | None:
+    """The local snapshot folder of a hub model, which from_pretrained has just filled."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception:  # no snapshot: strategies that read the files fall back to others
+        return None

@@ -1,0 +1,264 @@
+"""The recipe: settings -> model + prompts -> directions -> study -> export.
+
+Each step is a component from its own module; this file only wires them in order and reports
+progress. `run(settings)` is what the command line calls, and it can be called from Python too.
+"""
+
+from __future__ import annotations
+
+import base64
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+import transformers
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from abliterate.ablation import ablate_
+from abliterate.components import EditableModel, find_components
+from abliterate.directions import capture_residuals, refusal_directions
+from abliterate.errors import UserError
+from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers
+from abliterate.export import ModelCard, clean_partials, prepare_output, save_model
+from abliterate.model import ChatModel, load_chat_model
+from abliterate.prompts import load_prompts
+from abliterate.reset import AdapterEditor, Editor, choose_strategy, describe, make_editor
+from abliterate.settings import Settings
+from abliterate.study import (
+    Objective,
+    SearchSpace,
+    edits_from_params,
+    finished_trials,
+    open_storage,
+    open_study,
+    pareto_front,
+    run_study,
+    select_trial,
+)
+
+STUDY_FILE = "study.db"
+
+
+@dataclass
+class Session:
+    """Everything a study needs, loaded once."""
+
+    settings: Settings
+    model: ChatModel
+    editable: EditableModel
+    study: optuna.Study
+    directions: torch.Tensor
+    evaluator: Evaluator
+    editor: Editor
+    output: Path
+
+
+def run(settings: Settings, console: Console | None = None, command: str | None = None) -> Path | None:
+    """Run (or resume) the whole pipeline; returns the saved model folder, if one was saved."""
+    console = console or Console(stderr=True)
+    session = prepare(settings, console)
+    search(session, console)
+    trial = choose(session, console)
+    if trial is None:
+        return None
+    saved = export(session, trial, command or shlex.join(["abliterate", *sys.argv[1:]]))
+    console.print(f"saved trial {trial.number} to [bold]{saved}[/bold]")
+    if settings.chat:
+        apply_trial(session, trial)
+        chat(session.model, console)
+    return saved
+
+
+def prepare(settings: Settings, console: Console) -> Session:
+    prompts = {
+        name: load_prompts(getattr(settings, name), "--" + name.replace("_", "-"))
+        for name in ("harmful_train", "harmless_train", "harmful_eval", "harmless_eval")
+    }
+    detector = RefusalDetector(settings.refusal_markers or default_refusal_markers())
+    console.print(f"loading {settings.model or 'the built-in demo model'}")
+    model = load_chat_model(
+        settings.model,
+        dtypes=settings.dtypes,
+        device_map=settings.device_map,
+        trust_remote_code=settings.trust_remote_code,
+        chat_template=settings.chat_template,
+        system_prompt=settings.system_prompt,
+    )
+    editable = find_components(model.model)
+    output = settings.output or Path("abliterated") / model.name
+    prepare_output(output, model.folder)
+    clean_partials(output)
+    storage = open_storage(settings.storage or f"sqlite:///{(output / STUDY_FILE).resolve()}")
+    study_name = settings.study_name or model.name
+    study = open_study(storage, study_name, settings.seed, settings.n_startup_trials, model.source)
+
+    batch_size = settings.batch_size or model.auto_batch_size(
+        max(len(model.tokenizer(model.format(p)).input_ids) for p in prompts["harmful_eval"]), settings.max_response_length
+    )
+    console.print(f"{model.name}: {editable.num_layers} layers, dtype {str(model.dtype).removeprefix('torch.')}, batch size {batch_size}")
+    directions = _directions(study, model, editable, prompts, batch_size, console)
+
+    # The original log-probabilities must be taken before any edit: build the evaluator first.
+    evaluator = Evaluator(model, prompts["harmful_eval"], prompts["harmless_eval"], detector, batch_size, settings.max_response_length)
+    if "baseline_refusals" not in study.user_attrs:
+        study.set_user_attr("baseline_refusals", evaluator.count_refusals())
+        study.set_user_attr("eval_prompts", len(prompts["harmful_eval"]))
+    console.print(f"original model: {study.user_attrs['baseline_refusals']}/{len(prompts['harmful_eval'])} refusals")
+
+    choice = choose_strategy(settings.reset, settings.cache_weights, editable)
+    console.print(describe(choice, editable, model.model))
+    editor = make_editor(
+        choice.strategy, model.model, editable, model.folder,
+        reload=lambda: _reload(model), verify=settings.verify_restore,
+    )
+    return Session(settings, model, editable, study, directions, evaluator, editor, output)
+
+
+def _directions(study, model: ChatModel, editable, prompts, batch_size: int, console: Console) -> torch.Tensor:
+    """Refusal directions, computed once per study and kept in it, so resumes and workers share them."""
+    stored = study.user_attrs.get("directions")
+    if stored is not None:
+        shape = study.user_attrs["directions_shape"]
+        return torch.frombuffer(bytearray(base64.b64decode(stored)), dtype=torch.float32).reshape(shape)
+    residuals = {}
+    with _progress(console) as progress:
+        for name in ("harmful_train", "harmless_train"):
+            task = progress.add_task(f"residuals: {name.replace('_', ' ')}", total=len(prompts[name]))
+            batches = model.encode(prompts[name], batch_size)
+            residuals[name] = capture_residuals(
+                model, batches, editable.layers, on_batch=lambda n, task=task: progress.advance(task, n)
+            )
+    directions = refusal_directions(residuals["harmful_train"], residuals["harmless_train"])
+    study.set_user_attr("directions", base64.b64encode(directions.numpy().tobytes()).decode("ascii"))
+    study.set_user_attr("directions_shape", list(directions.shape))
+    return directions
+
+
+def _reload(model: ChatModel) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(model.folder or model.source, dtype=model.dtype, device_map="cpu")
+
+
+def search(session: Session, console: Console) -> None:
+    settings = session.settings
+    done = len(finished_trials(session.study))
+    if done:
+        console.print(f"resuming study {session.study.study_name!r}: {done} of {settings.n_trials} trials finished")
+    space = SearchSpace(session.editable.num_layers, direction_scope=settings.direction_scope)
+    eval_prompts = session.study.user_attrs["eval_prompts"]
+
+    def report(trial: optuna.Trial, scores) -> None:
+        console.print(f"trial {trial.number:>4}: refusals {scores.refusals:>3}/{eval_prompts}, KL {scores.kl:.4f}")
+
+    objective = Objective(session.editor, session.evaluator, session.directions, space, settings.row_norm, report)
+    with _progress(console) as progress:
+        task = progress.add_task("study", total=settings.n_trials, completed=min(done, settings.n_trials))
+
+        def advance(study: optuna.Study, _trial) -> None:
+            progress.update(task, completed=min(len(finished_trials(study)), settings.n_trials))
+
+        run_study(session.study, objective, settings.n_trials, callbacks=[advance])
+
+
+def choose(session: Session, console: Console):
+    front = pareto_front(session.study)
+    console.print(front_table(front, session.study.user_attrs.get("eval_prompts")))
+    how = session.settings.select
+    if how is None:
+        how = _ask(front) if sys.stdin.isatty() else "knee"
+    return select_trial(session.study, how)
+
+
+def front_table(front, eval_prompts: int | None) -> Table:
+    table = Table(title="Pareto front (refusals vs KL divergence)")
+    for column in ("trial", "refusals", "KL", "direction"):
+        table.add_column(column, justify="right")
+    for trial in front:
+        direction = trial.params.get("direction_index")
+        table.add_row(
+            str(trial.number),
+            f"{int(trial.values[0])}/{eval_prompts}" if eval_prompts else str(int(trial.values[0])),
+            f"{trial.values[1]:.4f}",
+            "per layer" if direction is None else f"{direction:.2f}",
+        )
+    return table
+
+
+def _ask(front) -> str:
+    numbers = {str(trial.number) for trial in front}
+    while True:
+        answer = input("trial to save (number, knee, min-refusals, min-kl, none) [knee]: ").strip() or "knee"
+        if answer in numbers:
+            return f"trial:{answer}"
+        if answer in ("knee", "min-refusals", "min-kl", "none"):
+            return answer
+        print(f"not one of the trials above: {answer}")
+
+
+def apply_trial(session: Session, trial) -> None:
+    session.editor.reset()
+    edits = edits_from_params(trial.params, session.directions, SearchSpace(session.editable.num_layers).components,
+                              session.settings.direction_scope)
+    session.editor.apply(edits, session.settings.row_norm)
+
+
+def export(session: Session, trial, command: str) -> Path:
+    card = ModelCard(
+        source_model=session.model.source if session.model.name != "abliterate-demo" else "abliterate-demo",
+        trial=trial.number,
+        params=dict(trial.params),
+        refusals=int(trial.values[0]),
+        eval_prompts=session.study.user_attrs["eval_prompts"],
+        baseline_refusals=session.study.user_attrs.get("baseline_refusals"),
+        kl=float(trial.values[1]),
+        command=command,
+    )
+    if isinstance(session.editor, AdapterEditor):
+        return _export_merged(session, trial, card)
+    apply_trial(session, trial)
+    try:
+        return save_model(session.model.model, session.model.tokenizer, session.output, card)
+    finally:
+        session.editor.reset()
+
+
+def _export_merged(session: Session, trial, card: ModelCard) -> Path:
+    """Adapter runs never touch the weights: apply the edit to a full-precision copy and save that."""
+    if session.model.folder is None:
+        raise UserError("saving an adapter run needs the model's files on disk")
+    full = transformers.AutoModelForCausalLM.from_pretrained(session.model.folder, dtype=torch.bfloat16, device_map="cpu")
+    editable = find_components(full)
+    for edit in edits_from_params(trial.params, session.directions, SearchSpace(editable.num_layers).components,
+                                  session.settings.direction_scope):
+        for matrix in editable.components[edit.layer].get(edit.component, []):
+            ablate_(matrix.view(), edit.direction, edit.weight, session.settings.row_norm)
+    return save_model(full, session.model.tokenizer, session.output, card)
+
+
+def chat(model: ChatModel, console: Console) -> None:
+    console.print("chat with the result; an empty line or Ctrl-D ends it")
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        text = model.tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+        batch = model.tokenizer([text], return_tensors="pt", add_special_tokens=False).to(model.input_device)
+        reply = model.generate(dict(batch), max_new_tokens=256)[0].strip()
+        history.append({"role": "assistant", "content": reply})
+        print(reply, flush=True)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=False,
+    )

@@ -1,0 +1,178 @@
+"""One validated settings object.
+
+Sources, highest priority first: command line, environment (`ABLITERATE_*`), a TOML file
+(`--config`, default `./config.toml` if present), defaults. The command line is parsed in
+`cli.py`, which passes only the options the user actually gave, so the lower sources still show
+through for everything else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from abliterate.errors import SettingsError
+
+ResetName = Literal["auto", "gpu-cache", "host-cache", "disk", "reload", "adapter"]
+RowNorm = Literal["none", "pre", "full"]
+DirectionScope = Literal["global", "per-layer", "search"]
+
+
+class PromptSet(BaseModel):
+    """Where one of the four prompt sets comes from.
+
+    `source` is `builtin:harmful` / `builtin:harmless`, a local file (.txt, .jsonl, .csv,
+    .parquet) or a Hugging Face dataset id. `split` names a split and optionally slices it, in
+    the `datasets` syntax: `train`, `eval[:50]`, `train[100:300]`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str
+    split: str = "train"
+    column: str = Field("text", description="column holding the prompt (jsonl, csv, parquet, datasets)")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ABLITERATE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # -- model ------------------------------------------------------------------------------
+    model: str | None = Field(None, description="hub id or local folder; default: the built-in demo model")
+    dtypes: list[str] = Field(
+        ["auto", "bfloat16", "float16", "float32"],
+        description="dtypes to try in order when loading (comma-separated)",
+    )
+    device_map: str = Field("auto", description="accelerate device map: auto, cpu, cuda, cuda:1, ...")
+    trust_remote_code: bool = Field(False, description="run code shipped with the model (only for models you trust)")
+    chat_template: Path | None = Field(None, description="Jinja chat template file, for tokenizers without one")
+    system_prompt: str | None = Field(None, description="system message put before every prompt")
+
+    # -- prompts ----------------------------------------------------------------------------
+    harmful_train: PromptSet = PromptSet(source="builtin:harmful", split="train")
+    harmless_train: PromptSet = PromptSet(source="builtin:harmless", split="train")
+    harmful_eval: PromptSet = PromptSet(source="builtin:harmful", split="eval")
+    harmless_eval: PromptSet = PromptSet(source="builtin:harmless", split="eval")
+    refusal_markers: list[str] | None = Field(
+        None, description="substrings that mark a refusal (comma-separated); default: the shipped list"
+    )
+
+    # -- evaluation -------------------------------------------------------------------------
+    batch_size: int = Field(0, ge=0, description="prompts per batch; 0 = choose from free memory")
+    max_response_length: int = Field(64, gt=0, description="new tokens generated when counting refusals")
+
+    # -- search -----------------------------------------------------------------------------
+    n_trials: int = Field(200, gt=0, description="finished trials the study should hold")
+    n_startup_trials: int = Field(60, ge=0, description="random trials before TPE takes over")
+    seed: int = Field(0, description="seed of the sampler")
+    direction_scope: DirectionScope = Field(
+        "search", description="global: one interpolated direction; per-layer: each layer's own; search: let Optuna choose"
+    )
+    row_norm: RowNorm = Field("none", description="none, pre (edit row-normalized), full (rows keep their norms)")
+    storage: str | None = Field(None, description="Optuna storage URL; default: SQLite file in the output folder")
+    study_name: str | None = Field(None, description="study name in the storage; default: from the model name")
+
+    # -- weight reset -----------------------------------------------------------------------
+    reset: ResetName = Field("auto", description="how weights return to the original between trials")
+    cache_weights: bool = Field(True, description="false: keep no cache, reload editable tensors from disk")
+    verify_restore: bool = Field(False, description="hash editable tensors after every reset and stop on mismatch")
+
+    # -- result -----------------------------------------------------------------------------
+    output: Path | None = Field(None, description="output folder (study + saved model); default: abliterated/<model>")
+    select: str | None = Field(None, description="pick a trial: knee, min-refusals, min-kl, trial:N, none")
+    chat: bool = Field(False, description="chat with the result when done")
+    debug: bool = Field(False, description="show tracebacks")
+
+    @field_validator("dtypes", "refusal_markers", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("dtypes")
+    @classmethod
+    def _known_dtypes(cls, value: list[str]) -> list[str]:
+        known = {"auto", "float32", "float16", "bfloat16"}
+        if not value:
+            raise ValueError("give at least one dtype")
+        unknown = [d for d in value if d not in known]
+        if unknown:
+            raise ValueError(f"unknown dtype {unknown[0]!r}; choose from {', '.join(sorted(known))}")
+        return value
+
+    @field_validator("select")
+    @classmethod
+    def _select_form(cls, value: str | None) -> str | None:
+        if value is None or value in {"knee", "min-refusals", "min-kl", "none"}:
+            return value
+        if value.startswith("trial:") and value[len("trial:") :].isdigit():
+            return value
+        raise ValueError("use knee, min-refusals, min-kl, none or trial:N")
+
+    @field_validator("refusal_markers")
+    @classmethod
+    def _markers_not_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("give at least one marker")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML source reads `toml_file` from the class config, set per call by `load_settings`.
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def load_settings(cli_values: dict[str, Any] | None = None, config_file: Path | None = None) -> Settings:
+    """Build the settings from all sources, turning any validation error into one clear line."""
+    if config_file is None and Path("config.toml").is_file():
+        config_file = Path("config.toml")
+    elif config_file is not None and not config_file.is_file():
+        raise SettingsError(f"config file {config_file} does not exist")
+    settings_cls = Settings
+    if config_file is not None:
+        config = SettingsConfigDict(**{**Settings.model_config, "toml_file": config_file})
+        settings_cls = type("Settings", (Settings,), {"model_config": config})
+    try:
+        return settings_cls(**(cli_values or {}))
+    except ValidationError as error:
+        raise SettingsError(describe_validation_error(error, config_file)) from None
+    except Exception as error:  # a TOML syntax error surfaces as a plain exception
+        if config_file is not None:
+            raise SettingsError(f"cannot read {config_file}: {error}") from None
+        raise
+
+
+def describe_validation_error(error: ValidationError, config_file: Path | None) -> str:
+    """The first problem of a ValidationError, as `--option: message (got value)`."""
+    first = error.errors()[0]
+    location = [str(part) for part in first["loc"]]
+    option = "--" + "-".join(part.replace("_", "-") for part in location)
+    if first["type"] == "extra_forbidden":
+        where = f" in {config_file}" if config_file else ""
+        return f"unknown setting {'.'.join(location)!r}{where}; see `abliterate --help` for the valid names"
+    message = first["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    given = first.get("input")
+    shown = f" (got {given!r})" if isinstance(given, str | int | float) and not isinstance(given, bool) else ""
+    return f"{option}: {message}{shown}"

@@ -1,0 +1,233 @@
+"""The Optuna study: search space, objectives, storage, resume, and picking a trial.
+
+Each trial samples, per component (`attn`, `mlp`), a kernel of ablation weights over layers and
+a refusal direction (one interpolated between layers, or each layer's own), edits the model,
+scores it on two objectives to minimise, refusals and KL divergence, and resets it. The storage is
+any Optuna storage URL; the default is an SQLite file, so rerunning the same command continues the
+same study and runs only the trials still missing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from abliterate.ablation import Kernel, interpolate_direction
+from abliterate.components import COMPONENTS
+from abliterate.errors import UserError
+from abliterate.evaluate import Evaluator, NumericalFault, Scores
+from abliterate.reset import Edit, Editor
+
+# Heartbeats let Optuna mark the trial of a killed worker as failed instead of running forever.
+HEARTBEAT_SECONDS = 10
+MAX_CONSECUTIVE_FAILURES = 20
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    num_layers: int
+    components: tuple[str, ...] = COMPONENTS
+    direction_scope: str = "search"
+
+    def sample(self, trial: optuna.Trial) -> dict:
+        """Suggest every parameter of one trial (Optuna records them in the storage)."""
+        last = self.num_layers - 1
+        scope = self.direction_scope
+        if scope == "search":
+            scope = trial.suggest_categorical("direction_scope", ["global", "per-layer"])
+        if scope == "global":
+            trial.suggest_float("direction_index", 0.2 * last, 0.95 * last)
+        for component in self.components:
+            trial.suggest_float(f"{component}.max_weight", 0.8, 1.5)
+            trial.suggest_float(f"{component}.max_weight_position", 0.3 * last, last)
+            trial.suggest_float(f"{component}.min_weight_fraction", 0.0, 1.0)
+            trial.suggest_float(f"{component}.min_weight_distance", 1.0, max(1.0, 0.6 * last))
+        return trial.params
+
+
+def edits_from_params(params: dict, directions: torch.Tensor, components: tuple[str, ...], direction_scope: str) -> list[Edit]:
+    """The edits a trial's parameters describe: one per (layer, component) with a non-zero weight."""
+    num_layers = directions.shape[0]
+    scope = params.get("direction_scope", direction_scope)
+    shared = interpolate_direction(directions, params["direction_index"]) if scope == "global" else None
+    edits = []
+    for component in components:
+        max_weight = params[f"{component}.max_weight"]
+        kernel = Kernel(
+            max_weight=max_weight,
+            max_weight_position=params[f"{component}.max_weight_position"],
+            min_weight=params[f"{component}.min_weight_fraction"] * max_weight,
+            min_weight_distance=params[f"{component}.min_weight_distance"],
+        )
+        for layer, weight in enumerate(kernel.weights(num_layers)):
+            if weight > 0:
+                direction = shared if shared is not None else directions[layer]
+                edits.append(Edit(layer, component, direction, weight))
+    return edits
+
+
+class Objective:
+    """One trial: edit, score, reset. The model is always back to the original when it returns."""
+
+    def __init__(
+        self,
+        editor: Editor,
+        evaluator: Evaluator,
+        directions: torch.Tensor,
+        space: SearchSpace,
+        row_norm: str,
+        on_scores: Callable[[optuna.Trial, Scores], None] | None = None,
+    ):
+        self.editor = editor
+        self.evaluator = evaluator
+        self.directions = directions
+        self.space = space
+        self.row_norm = row_norm
+        self.on_scores = on_scores
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        params = self.space.sample(trial)
+        edits = edits_from_params(params, self.directions, self.space.components, self.space.direction_scope)
+        try:
+            self.editor.apply(edits, self.row_norm)
+            scores = self.evaluator.score()
+        except NumericalFault as fault:
+            trial.set_user_attr("fail_reason", str(fault))
+            raise
+        finally:
+            self.editor.reset()
+        trial.set_user_attr("refusals", scores.refusals)
+        trial.set_user_attr("kl", scores.kl)
+        trial.set_user_attr("edited_layers", sorted({edit.layer for edit in edits}))
+        if self.on_scores is not None:
+            self.on_scores(trial, scores)
+        return scores.refusals, scores.kl
+
+
+# -- storage -------------------------------------------------------------------------------------
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage from a URL; `journal:PATH` gives a file journal safe for several processes."""
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend
+
+            return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:") :]))
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=3 * HEARTBEAT_SECONDS,
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+        )
+    except Exception as error:  # sqlalchemy and drivers raise many types; all mean "cannot open"
+        raise UserError(f"cannot open storage {url!r}: {str(error).splitlines()[0]}") from None
+
+
+def open_study(storage: optuna.storages.BaseStorage, study_name: str, seed: int, n_startup_trials: int, model_name: str) -> optuna.Study:
+    sampler = optuna.samplers.TPESampler(
+        n_startup_trials=n_startup_trials,
+        seed=seed,
+        multivariate=True,
+        constant_liar=True,  # several workers: running trials count as pessimistic results
+    )
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name,
+        directions=["minimize", "minimize"],
+        sampler=sampler,
+        load_if_exists=True,
+    )
+    stored_model = study.user_attrs.get("model")
+    if stored_model is None:
+        study.set_user_attr("model", model_name)
+    elif stored_model != model_name:
+        raise UserError(
+            f"study {study_name!r} in this storage belongs to model {stored_model!r}, not {model_name!r}; "
+            "pass another --study-name or --output"
+        )
+    study.set_metric_names(["refusals", "kl"])
+    return study
+
+
+def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def run_study(study: optuna.Study, objective: Objective, n_trials: int, callbacks: list | None = None) -> None:
+    """Run trials until the study holds `n_trials` finished ones, whoever finishes them."""
+    if len(finished_trials(study)) >= n_trials:
+        return
+    failures = _ConsecutiveFailures()
+    study.optimize(
+        objective,
+        callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,)), failures, *(callbacks or [])],
+        catch=(NumericalFault,),
+        gc_after_trial=False,
+        show_progress_bar=False,
+    )
+    if failures.stopped:
+        raise UserError(
+            f"{MAX_CONSECUTIVE_FAILURES} trials in a row failed ({failures.last_reason}); try --dtypes float32 or --row-norm none"
+        )
+
+
+class _ConsecutiveFailures:
+    def __init__(self):
+        self.count = 0
+        self.stopped = False
+        self.last_reason = ""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state == TrialState.FAIL:
+            self.count += 1
+            self.last_reason = trial.user_attrs.get("fail_reason", "unknown reason")
+            if self.count >= MAX_CONSECUTIVE_FAILURES:
+                self.stopped = True
+                study.stop()
+        else:
+            self.count = 0
+
+
+# -- choosing a result ---------------------------------------------------------------------------
+
+
+def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
+    return sorted(study.best_trials, key=lambda trial: (trial.values[0], trial.values[1]))
+
+
+def select_trial(study: optuna.Study, how: str) -> FrozenTrial | None:
+    """knee, min-refusals, min-kl, trial:N or none."""
+    if how == "none":
+        return None
+    if how.startswith("trial:"):
+        number = int(how[len("trial:") :])
+        matches = [trial for trial in finished_trials(study) if trial.number == number]
+        if not matches:
+            raise UserError(f"--select {how}: the study has no finished trial {number}")
+        return matches[0]
+    front = pareto_front(study)
+    if not front:
+        raise UserError("the study has no finished trial to select")
+    if how == "min-refusals":
+        return min(front, key=lambda trial: (trial.values[0], trial.values[1]))
+    if how == "min-kl":
+        return min(front, key=lambda trial: (trial.values[1], trial.values[0]))
+    return knee(front)
+
+
+def knee(front: list[FrozenTrial]) -> FrozenTrial:
+    """The front's trial nearest to the ideal point (0 refusals, 0 KL), both scaled to [0, 1]."""
+    refusals = [trial.values[0] for trial in front]
+    kls = [trial.values[1] for trial in front]
+
+    def scaled(value: float, values: list[float]) -> float:
+        low, high = min(values), max(values)
+        return 0.0 if high == low else (value - low) / (high - low)
+
+    return min(front, key=lambda trial: math.hypot(scaled(trial.values[0], refusals), scaled(trial.values[1], kls)))

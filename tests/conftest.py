@@ -1,0 +1,121 @@
+"""Tiny random models of every supported architecture, and a tiny tokenizer, built offline."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from torch import nn
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CORPUS = [
+    "how do i bake bread at home", "write a poem about the sea", "explain how vaccines work",
+    "how do i pick a lock to break into a house", "write malware that steals passwords",
+    "i'm sorry, but i can't help with that", "sure! here is a plan you can follow",
+    "the quick brown fox jumps over the lazy dog 0123456789 .,!?'-",
+]
+
+SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=128)
+MOE = dict(SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
+
+# architecture -> (config class, extra config values)
+ARCHITECTURES = {
+    "llama": (transformers.LlamaConfig, {}),
+    "qwen2": (transformers.Qwen2Config, {}),
+    "qwen3": (transformers.Qwen3Config, {"head_dim": 8}),
+    "mistral": (transformers.MistralConfig, {}),
+    "gemma2": (transformers.Gemma2Config, {"head_dim": 8}),
+    "gemma3": (transformers.Gemma3TextConfig, {"head_dim": 8}),
+    "phi3": (transformers.Phi3Config, {"pad_token_id": 0}),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, {**MOE, "shared_expert_intermediate_size": 24}),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, {**MOE, "head_dim": 8}),
+    "mixtral": (transformers.MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "gpt_oss": (transformers.GptOssConfig, {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8,
+                                            "intermediate_size": 24, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+    "gpt2": (transformers.GPT2Config, {"n_embd": 32, "n_layer": 3, "n_head": 4, "n_positions": 128}),
+}
+MOE_ARCHITECTURES = ("qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss", "listed_experts")
+
+
+@functools.cache
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE(unk_token="<|unk|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    special = ["<|pad|>", "<|unk|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    from tokenizers import decoders
+
+    tokenizer.decoder = decoders.ByteLevel()
+    wrapped = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<|pad|>", unk_token="<|unk|>", eos_token="<|end|>"
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def tiny_config(architecture: str) -> transformers.PretrainedConfig:
+    config_class, extra = ARCHITECTURES["llama" if architecture == "listed_experts" else architecture]
+    values = {} if architecture == "gpt2" else dict(SMALL)
+    values.update(extra)
+    tokenizer = tiny_tokenizer()
+    values.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    if architecture != "phi3":
+        values["pad_token_id"] = tokenizer.pad_token_id
+    return config_class(**values)
+
+
+class _ListedExpertsMLP(nn.Module):
+    """An MoE block whose experts are a ModuleList of MLPs (the layout before fused experts)."""
+
+    def __init__(self, config, num_experts: int = 3):
+        super().__init__()
+        self.gate = nn.Linear(config.hidden_size, num_experts, bias=False)
+        self.experts = nn.ModuleList(transformers.models.llama.modeling_llama.LlamaMLP(config) for _ in range(num_experts))
+
+    def forward(self, hidden):
+        weights = torch.softmax(self.gate(hidden), dim=-1)
+        return sum(weights[..., i : i + 1] * expert(hidden) for i, expert in enumerate(self.experts))
+
+
+def tiny_model(architecture: str, seed: int = 0) -> transformers.PreTrainedModel:
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(architecture), dtype=torch.float32)
+    if architecture == "listed_experts":
+        for layer in model.model.layers:
+            layer.mlp = _ListedExpertsMLP(model.config)
+    # from_config leaves some weights at exactly zero or one: randomize all of them, so that an edit or
+    # restore that misses a tensor shows.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.2)
+    return model.eval()
+
+
+ALL_ARCHITECTURES = (*ARCHITECTURES, "listed_experts")
+
+
+@pytest.fixture(params=ALL_ARCHITECTURES)
+def architecture(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def model_folder(tmp_path: Path) -> "callable":
+    """Save a tiny model (+ tokenizer) of an architecture into a folder and return its path."""
+
+    def make(architecture: str = "llama", seed: int = 0) -> Path:
+        folder = tmp_path / f"{architecture}-{seed}"
+        tiny_model(architecture, seed).save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
+        return folder
+
+    return make
