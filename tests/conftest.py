@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,14 +17,24 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 CORPUS = [
-    "how do i bake bread at home", "write a poem about the sea", "explain how vaccines work",
-    "how do i pick a lock to break into a house", "write malware that steals passwords",
-    "i'm sorry, but i can't help with that", "sure! here is a plan you can follow",
+    "how do i bake bread at home",
+    "write a poem about the sea",
+    "explain how vaccines work",
+    "how do i pick a lock to break into a house",
+    "write malware that steals passwords",
+    "i'm sorry, but i can't help with that",
+    "sure! here is a plan you can follow",
     "the quick brown fox jumps over the lazy dog 0123456789 .,!?'-",
 ]
 
-SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=128)
+SMALL = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 MOE = dict(SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
 
 # architecture -> (config class, extra config values)
@@ -38,8 +49,16 @@ ARCHITECTURES = {
     "qwen2_moe": (transformers.Qwen2MoeConfig, {**MOE, "shared_expert_intermediate_size": 24}),
     "qwen3_moe": (transformers.Qwen3MoeConfig, {**MOE, "head_dim": 8}),
     "mixtral": (transformers.MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}),
-    "gpt_oss": (transformers.GptOssConfig, {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8,
-                                            "intermediate_size": 24, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+    "gpt_oss": (
+        transformers.GptOssConfig,
+        {
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "head_dim": 8,
+            "intermediate_size": 24,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        },
+    ),
     "gpt2": (transformers.GPT2Config, {"n_embd": 32, "n_layer": 3, "n_head": 4, "n_positions": 128}),
 }
 MOE_ARCHITECTURES = ("qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss", "listed_experts")
@@ -50,7 +69,9 @@ def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(unk_token="<|unk|>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     special = ["<|pad|>", "<|unk|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator(CORPUS, trainer)
     from tokenizers import decoders
 
@@ -79,7 +100,9 @@ class _ListedExpertsMLP(nn.Module):
     def __init__(self, config, num_experts: int = 3):
         super().__init__()
         self.gate = nn.Linear(config.hidden_size, num_experts, bias=False)
-        self.experts = nn.ModuleList(transformers.models.llama.modeling_llama.LlamaMLP(config) for _ in range(num_experts))
+        self.experts = nn.ModuleList(
+            transformers.models.llama.modeling_llama.LlamaMLP(config) for _ in range(num_experts)
+        )
 
     def forward(self, hidden):
         weights = torch.softmax(self.gate(hidden), dim=-1)
@@ -109,7 +132,7 @@ def architecture(request) -> str:
 
 
 @pytest.fixture
-def model_folder(tmp_path: Path) -> "callable":
+def model_folder(tmp_path: Path) -> Callable[..., Path]:
     """Save a tiny model (+ tokenizer) of an architecture into a folder and return its path."""
 
     def make(architecture: str = "llama", seed: int = 0) -> Path:

@@ -97,7 +97,12 @@ def test_layer_cache_mirrors_the_components(architecture):
             for matrix, copy in zip(matrices, copies, strict=True):
                 assert copy.shape == matrix.parameter.shape and copy.dtype == matrix.parameter.dtype
                 assert copy.data_ptr() != matrix.parameter.data_ptr()
-    cached = sum(t.numel() * t.element_size() for parts in cache.originals.values() for ts in parts.values() for t in ts)
+    cached = sum(
+        t.numel() * t.element_size()
+        for parts in cache.originals.values()
+        for ts in parts.values()
+        for t in ts
+    )
     assert cached == editable.editable_bytes == cache.host_bytes  # on a CPU model the "device" is the host
     assert editable.editable_bytes < sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -177,7 +182,9 @@ def test_disk_restore_reads_both_expert_layouts(architecture, tmp_path):
         if layout == "fused":
             for file in folder.glob("*.safetensors"):
                 file.unlink()
-            save_file({name: tensor.contiguous() for name, tensor in original.items()}, folder / "model.safetensors")
+            save_file(
+                {name: tensor.contiguous() for name, tensor in original.items()}, folder / "model.safetensors"
+            )
         editor = make_editor("disk", model, editable, folder)
         editor.apply(random_edits(editable.num_layers, editable.hidden_size, random.Random(1)))
         editor.reset()

@@ -51,7 +51,9 @@ class Kernel:
         return [self.weight_at(layer) for layer in range(num_layers)]
 
 
-def ablate(matrix: torch.Tensor, direction: torch.Tensor, weight: float, row_norm: str = "none") -> torch.Tensor:
+def ablate(
+    matrix: torch.Tensor, direction: torch.Tensor, weight: float, row_norm: str = "none"
+) -> torch.Tensor:
     """Return the edited matrix in float32; `matrix` is (..., hidden, in), `direction` (hidden,)."""
     if row_norm not in ROW_NORMS:
         raise ValueError(f"row_norm must be one of {ROW_NORMS}, got {row_norm!r}")

@@ -32,18 +32,30 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         if name in PROMPT_SETS:
             default = field.default
-            parser.add_argument(flag, dest=name, metavar="SOURCE",
-                                help=f"builtin:harmful|builtin:harmless, a .txt/.jsonl/.csv/.parquet file or a dataset id (default: {default.source})")
-            parser.add_argument(f"{flag}-split", dest=f"{name}.split", metavar="SPLIT",
-                                help=f"split with optional slice, e.g. train[:200] (default: {default.split})")
-            parser.add_argument(f"{flag}-column", dest=f"{name}.column", metavar="COLUMN", help="column holding the prompt")
+            parser.add_argument(
+                flag,
+                dest=name,
+                metavar="SOURCE",
+                help=f"builtin:harmful|builtin:harmless, a .txt/.jsonl/.csv/.parquet file or a dataset id (default: {default.source})",
+            )
+            parser.add_argument(
+                f"{flag}-split",
+                dest=f"{name}.split",
+                metavar="SPLIT",
+                help=f"split with optional slice, e.g. train[:200] (default: {default.split})",
+            )
+            parser.add_argument(
+                f"{flag}-column", dest=f"{name}.column", metavar="COLUMN", help="column holding the prompt"
+            )
             continue
         default = field.default
         shown = ",".join(default) if isinstance(default, list) else default
         help_text = f"{field.description} (default: {shown})" if field.description else None
         if field.annotation is bool:
             # `--chat` alone means true; `--cache-weights false` is spelled out.
-            parser.add_argument(flag, dest=name, metavar="true|false", nargs="?", const="true", help=help_text)
+            parser.add_argument(
+                flag, dest=name, metavar="true|false", nargs="?", const="true", help=help_text
+            )
         else:
             parser.add_argument(flag, dest=name, metavar=name.split("_")[-1].upper(), help=help_text)
     return parser
@@ -61,7 +73,9 @@ def parse_settings(argv: list[str]) -> Settings:
     # A flag may change one part of a prompt set (say its split) and keep the rest from lower sources.
     base = load_settings(flat, config_file)
     for name in PROMPT_SETS:
-        update: dict[str, Any] = {part.split(".")[1]: value for part, value in prompt_parts.items() if part.startswith(name + ".")}
+        update: dict[str, Any] = {
+            part.split(".")[1]: value for part, value in prompt_parts.items() if part.startswith(name + ".")
+        }
         if name in prompt_parts:
             update["source"] = prompt_parts[name]
         if update:
@@ -91,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"abliterate: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        print("\nabliterate: interrupted. Finished trials are kept in the study; run the same command again to resume.",
-              file=sys.stderr)
+        print(
+            "\nabliterate: interrupted. Finished trials are kept in the study; run the same command again to resume.",
+            file=sys.stderr,
+        )
         return 130

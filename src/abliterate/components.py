@@ -80,10 +80,14 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     candidates = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks") and len(module) > 0
+        if isinstance(module, nn.ModuleList)
+        and name.split(".")[-1] in ("layers", "h", "blocks")
+        and len(module) > 0
     ]
     if not candidates:
-        raise UserError(f"cannot find the decoder layers of {type(model).__name__}: no `layers` list in the model")
+        raise UserError(
+            f"cannot find the decoder layers of {type(model).__name__}: no `layers` list in the model"
+        )
     return max(candidates, key=lambda item: len(item[1]))
 
 
@@ -100,7 +104,9 @@ def find_components(model: nn.Module) -> EditableModel:
             name, module = attention
             output = _first_child(module, _ATTENTION_OUTPUTS)
             if output is not None:
-                components["attn"].append(_linear_matrix(f"{layer_prefix}.{name}.{output[0]}", output[1], hidden_size))
+                components["attn"].append(
+                    _linear_matrix(f"{layer_prefix}.{name}.{output[0]}", output[1], hidden_size)
+                )
         mlp = _first_child(layer, _MLP_CONTAINERS)
         if mlp is not None:
             name, module = mlp
@@ -154,18 +160,24 @@ def _linear_matrix(name: str, module: nn.Module, hidden_size: int) -> Matrix:
 def _fused_experts_matrix(name: str, experts: nn.Module, hidden_size: int) -> Matrix:
     down = getattr(experts, "down_proj", None)
     if not isinstance(down, torch.Tensor) or down.dim() != 3:
-        raise UserError(f"{name} ({type(experts).__name__}) has no fused 3-D down_proj; this MoE layout is not supported")
+        raise UserError(
+            f"{name} ({type(experts).__name__}) has no fused 3-D down_proj; this MoE layout is not supported"
+        )
     transposed = getattr(experts, "is_transposed", None)
     if transposed is None:
         # No declared layout: infer it from the shape, and refuse when the shape cannot tell.
         matching = [axis for axis in (1, 2) if down.shape[axis] == hidden_size]
         if len(matching) != 1:
-            raise UserError(f"{name}.down_proj has shape {tuple(down.shape)}; cannot tell which axis is the residual stream")
+            raise UserError(
+                f"{name}.down_proj has shape {tuple(down.shape)}; cannot tell which axis is the residual stream"
+            )
         out_axis = matching[0]
     else:
         out_axis = 2 if transposed else 1
     if down.shape[out_axis] != hidden_size:
-        raise UserError(f"{name}.down_proj has shape {tuple(down.shape)}, not writing {hidden_size} residual features")
+        raise UserError(
+            f"{name}.down_proj has shape {tuple(down.shape)}, not writing {hidden_size} residual features"
+        )
     return Matrix(f"{name}.down_proj", down, out_axis)
 
 

@@ -34,7 +34,9 @@ def refusal_directions(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.T
     """Unit mean-difference directions per layer, (layers, hidden), from (prompts, layers, hidden) residuals."""
     for name, residuals in (("harmful", harmful), ("harmless", harmless)):
         if not torch.isfinite(residuals).all():
-            raise UserError(f"the residuals of the {name} prompts contain NaN or inf; try another --dtypes (float32)")
+            raise UserError(
+                f"the residuals of the {name} prompts contain NaN or inf; try another --dtypes (float32)"
+            )
     difference = harmful.float().mean(dim=0) - harmless.float().mean(dim=0)
     norms = difference.norm(dim=-1, keepdim=True)
     if (norms == 0).any():

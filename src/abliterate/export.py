@@ -27,12 +27,16 @@ def prepare_output(output: Path, source_folder: Path | None) -> None:
     if source_folder is not None:
         source = source_folder.resolve()
         if output == source or source in output.parents:
-            raise UserError(f"--output {output} is inside the source model folder {source}; choose a folder outside it")
+            raise UserError(
+                f"--output {output} is inside the source model folder {source}; choose a folder outside it"
+            )
     if output.exists():
         if not output.is_dir():
             raise UserError(f"--output {output} exists and is not a folder; choose another --output")
         if any(output.iterdir()) and not (output / MARKER).is_file():
-            raise UserError(f"--output {output} exists and was not made by abliterate; choose another --output or empty it")
+            raise UserError(
+                f"--output {output} exists and was not made by abliterate; choose another --output or empty it"
+            )
     output.mkdir(parents=True, exist_ok=True)
     (output / MARKER).write_text("This folder was made by abliterate: a study and its saved model.\n")
 
@@ -49,9 +53,15 @@ class ModelCard:
     command: str
 
     def markdown(self) -> str:
-        params = "\n".join(f"| `{name}` | {value:.4g} |" if isinstance(value, float) else f"| `{name}` | {value} |"
-                           for name, value in sorted(self.params.items()))
-        before = f"{self.baseline_refusals}/{self.eval_prompts}" if self.baseline_refusals is not None else "not measured"
+        params = "\n".join(
+            f"| `{name}` | {value:.4g} |" if isinstance(value, float) else f"| `{name}` | {value} |"
+            for name, value in sorted(self.params.items())
+        )
+        before = (
+            f"{self.baseline_refusals}/{self.eval_prompts}"
+            if self.baseline_refusals is not None
+            else "not measured"
+        )
         return f"""---
 base_model: {self.source_model}
 tags:
@@ -91,10 +101,16 @@ def save_model(model, tokenizer, output: Path, card: ModelCard) -> Path:
         model.save_pretrained(partial, safe_serialization=True)
         tokenizer.save_pretrained(partial)
         (partial / "README.md").write_text(card.markdown(), "utf-8")
-        metadata = {"source_model": card.source_model, "trial": card.trial, "params": card.params,
-                    "refusals": card.refusals, "kl": card.kl}
+        metadata = {
+            "source_model": card.source_model,
+            "trial": card.trial,
+            "params": card.params,
+            "refusals": card.refusals,
+            "kl": card.kl,
+        }
         (partial / "abliterate.json").write_text(json.dumps(metadata, indent=2), "utf-8")
         _fsync_tree(partial)
+        _permissions_from_umask(partial)
         if final.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{MODEL_FOLDER}.old-", dir=output))
             os.replace(final, retired / MODEL_FOLDER)
@@ -112,6 +128,15 @@ def clean_partials(output: Path) -> None:
     """Remove what an interrupted save left behind."""
     for leftover in output.glob(f".{MODEL_FOLDER}.*-*"):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _permissions_from_umask(folder: Path) -> None:
+    """mkdtemp makes a private folder; the saved model should be as readable as any other new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _fsync_tree(folder: Path) -> None:

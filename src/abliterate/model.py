@@ -62,7 +62,13 @@ class ChatModel:
             texts = [self.format(prompt) for prompt in prompts[start : start + batch_size]]
             # The template already holds any special tokens the model expects at the start.
             encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            batches.append({key: value.to(self.input_device) for key, value in encoded.items() if key in ("input_ids", "attention_mask")})
+            batches.append(
+                {
+                    key: value.to(self.input_device)
+                    for key, value in encoded.items()
+                    if key in ("input_ids", "attention_mask")
+                }
+            )
         return batches
 
     # -- passes ----------------------------------------------------------------------------
@@ -181,12 +187,16 @@ def load_chat_model(
         except (RuntimeError, TypeError, ValueError) as error:  # an unsupported dtype on this device
             errors.append(f"{dtype}: {str(error).splitlines()[0]}")
     if model is None:
-        raise UserError(f"cannot load {source} with any of the dtypes {', '.join(dtypes)} ({'; '.join(errors)})")
+        raise UserError(
+            f"cannot load {source} with any of the dtypes {', '.join(dtypes)} ({'; '.join(errors)})"
+        )
     model.eval()
     model.requires_grad_(False)
     if folder is None:
         folder = _hub_snapshot(source)
-    return ChatModel(model=model, tokenizer=tokenizer, source=source, folder=folder, system_prompt=system_prompt)
+    return ChatModel(
+        model=model, tokenizer=tokenizer, source=source, folder=folder, system_prompt=system_prompt
+    )
 
 
 def _local_folder(source: str) -> Path | None:
@@ -195,7 +205,9 @@ def _local_folder(source: str) -> Path | None:
         if not (path / "config.json").is_file():
             raise UserError(f"{source} is not a model folder: it has no config.json")
         return path.resolve()
-    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep in source.replace("/", "")
+    looks_like_path = (
+        source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep in source.replace("/", "")
+    )
     if looks_like_path or path.exists():
         raise UserError(f"model folder {source} does not exist")
     return None
@@ -234,7 +246,9 @@ def _load_tokenizer(source: str, trust_remote_code: bool, chat_template: Path | 
             raise UserError(f"chat template file {chat_template} does not exist")
         tokenizer.chat_template = chat_template.read_text("utf-8")
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"the tokenizer of {source!r} has no chat template; pass one with --chat-template FILE (Jinja)")
+        raise UserError(
+            f"the tokenizer of {source!r} has no chat template; pass one with --chat-template FILE (Jinja)"
+        )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         # Left padding is masked out, so any token will do; prefer one the model knows as a boundary.

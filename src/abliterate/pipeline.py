@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import shlex
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,14 @@ import optuna
 import torch
 import transformers
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from abliterate.ablation import ablate_
@@ -58,9 +66,18 @@ class Session:
     output: Path
 
 
+def quiet_libraries() -> None:
+    """Our own progress bars and lines say what happens; the libraries' logs would repeat it."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def run(settings: Settings, console: Console | None = None, command: str | None = None) -> Path | None:
     """Run (or resume) the whole pipeline; returns the saved model folder, if one was saved."""
     console = console or Console(stderr=True)
+    quiet_libraries()
     session = prepare(settings, console)
     search(session, console)
     trial = choose(session, console)
@@ -98,28 +115,46 @@ def prepare(settings: Settings, console: Console) -> Session:
     study = open_study(storage, study_name, settings.seed, settings.n_startup_trials, model.source)
 
     batch_size = settings.batch_size or model.auto_batch_size(
-        max(len(model.tokenizer(model.format(p)).input_ids) for p in prompts["harmful_eval"]), settings.max_response_length
+        max(len(model.tokenizer(model.format(p)).input_ids) for p in prompts["harmful_eval"]),
+        settings.max_response_length,
     )
-    console.print(f"{model.name}: {editable.num_layers} layers, dtype {str(model.dtype).removeprefix('torch.')}, batch size {batch_size}")
+    console.print(
+        f"{model.name}: {editable.num_layers} layers, dtype {str(model.dtype).removeprefix('torch.')}, batch size {batch_size}"
+    )
     directions = _directions(study, model, editable, prompts, batch_size, console)
 
     # The original log-probabilities must be taken before any edit: build the evaluator first.
-    evaluator = Evaluator(model, prompts["harmful_eval"], prompts["harmless_eval"], detector, batch_size, settings.max_response_length)
+    evaluator = Evaluator(
+        model,
+        prompts["harmful_eval"],
+        prompts["harmless_eval"],
+        detector,
+        batch_size,
+        settings.max_response_length,
+    )
     if "baseline_refusals" not in study.user_attrs:
         study.set_user_attr("baseline_refusals", evaluator.count_refusals())
         study.set_user_attr("eval_prompts", len(prompts["harmful_eval"]))
-    console.print(f"original model: {study.user_attrs['baseline_refusals']}/{len(prompts['harmful_eval'])} refusals")
+    console.print(
+        f"original model: {study.user_attrs['baseline_refusals']}/{len(prompts['harmful_eval'])} refusals"
+    )
 
     choice = choose_strategy(settings.reset, settings.cache_weights, editable)
     console.print(describe(choice, editable, model.model))
     editor = make_editor(
-        choice.strategy, model.model, editable, model.folder,
-        reload=lambda: _reload(model), verify=settings.verify_restore,
+        choice.strategy,
+        model.model,
+        editable,
+        model.folder,
+        reload=lambda: _reload(model),
+        verify=settings.verify_restore,
     )
     return Session(settings, model, editable, study, directions, evaluator, editor, output)
 
 
-def _directions(study, model: ChatModel, editable, prompts, batch_size: int, console: Console) -> torch.Tensor:
+def _directions(
+    study, model: ChatModel, editable, prompts, batch_size: int, console: Console
+) -> torch.Tensor:
     """Refusal directions, computed once per study and kept in it, so resumes and workers share them."""
     stored = study.user_attrs.get("directions")
     if stored is not None:
@@ -140,21 +175,29 @@ def _directions(study, model: ChatModel, editable, prompts, batch_size: int, con
 
 
 def _reload(model: ChatModel) -> torch.nn.Module:
-    return transformers.AutoModelForCausalLM.from_pretrained(model.folder or model.source, dtype=model.dtype, device_map="cpu")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        model.folder or model.source, dtype=model.dtype, device_map="cpu"
+    )
 
 
 def search(session: Session, console: Console) -> None:
     settings = session.settings
     done = len(finished_trials(session.study))
     if done:
-        console.print(f"resuming study {session.study.study_name!r}: {done} of {settings.n_trials} trials finished")
+        console.print(
+            f"resuming study {session.study.study_name!r}: {done} of {settings.n_trials} trials finished"
+        )
     space = SearchSpace(session.editable.num_layers, direction_scope=settings.direction_scope)
     eval_prompts = session.study.user_attrs["eval_prompts"]
 
     def report(trial: optuna.Trial, scores) -> None:
-        console.print(f"trial {trial.number:>4}: refusals {scores.refusals:>3}/{eval_prompts}, KL {scores.kl:.4f}")
+        console.print(
+            f"trial {trial.number:>4}: refusals {scores.refusals:>3}/{eval_prompts}, KL {scores.kl:.4f}"
+        )
 
-    objective = Objective(session.editor, session.evaluator, session.directions, space, settings.row_norm, report)
+    objective = Objective(
+        session.editor, session.evaluator, session.directions, space, settings.row_norm, report
+    )
     with _progress(console) as progress:
         task = progress.add_task("study", total=settings.n_trials, completed=min(done, settings.n_trials))
 
@@ -201,8 +244,12 @@ def _ask(front) -> str:
 
 def apply_trial(session: Session, trial) -> None:
     session.editor.reset()
-    edits = edits_from_params(trial.params, session.directions, SearchSpace(session.editable.num_layers).components,
-                              session.settings.direction_scope)
+    edits = edits_from_params(
+        trial.params,
+        session.directions,
+        SearchSpace(session.editable.num_layers).components,
+        session.settings.direction_scope,
+    )
     session.editor.apply(edits, session.settings.row_norm)
 
 
@@ -230,10 +277,16 @@ def _export_merged(session: Session, trial, card: ModelCard) -> Path:
     """Adapter runs never touch the weights: apply the edit to a full-precision copy and save that."""
     if session.model.folder is None:
         raise UserError("saving an adapter run needs the model's files on disk")
-    full = transformers.AutoModelForCausalLM.from_pretrained(session.model.folder, dtype=torch.bfloat16, device_map="cpu")
+    full = transformers.AutoModelForCausalLM.from_pretrained(
+        session.model.folder, dtype=torch.bfloat16, device_map="cpu"
+    )
     editable = find_components(full)
-    for edit in edits_from_params(trial.params, session.directions, SearchSpace(editable.num_layers).components,
-                                  session.settings.direction_scope):
+    for edit in edits_from_params(
+        trial.params,
+        session.directions,
+        SearchSpace(editable.num_layers).components,
+        session.settings.direction_scope,
+    ):
         for matrix in editable.components[edit.layer].get(edit.component, []):
             ablate_(matrix.view(), edit.direction, edit.weight, session.settings.row_norm)
     return save_model(full, session.model.tokenizer, session.output, card)
@@ -259,6 +312,11 @@ def chat(model: ChatModel, console: Console) -> None:
 
 def _progress(console: Console) -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
     )

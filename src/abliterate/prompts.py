@@ -35,14 +35,18 @@ class Split:
     def parse(cls, text: str) -> Split:
         match = _SPLIT.match(text.strip())
         if match is None:
-            raise UserError(f"bad split {text!r}: use a name with an optional slice, like train or train[:200]")
+            raise UserError(
+                f"bad split {text!r}: use a name with an optional slice, like train or train[:200]"
+            )
         start, stop = match["start"], match["stop"]
         return cls(match["name"], int(start) if start else None, int(stop) if stop else None)
 
     def apply(self, rows: list[str], what: str) -> list[str]:
         for bound in (self.start, self.stop):
             if bound is not None and abs(bound) > len(rows):
-                raise UserError(f"{what}: slice [{self.start or ''}:{self.stop or ''}] is out of range: it has {len(rows)} prompts")
+                raise UserError(
+                    f"{what}: slice [{self.start or ''}:{self.stop or ''}] is out of range: it has {len(rows)} prompts"
+                )
         return rows[self.start : self.stop]
 
 
@@ -71,7 +75,7 @@ def _load_builtin(name: str, split: str, what: str) -> list[str]:
     split = split or "train"
     if split not in BUILTIN_SPLITS:
         raise UserError(f"{what}: the built-in sets have the splits train and eval, not {split!r}")
-    text = resources.files("abliterate.data").joinpath("prompts", f"{name}_{split}.txt").read_text("utf-8")
+    text = resources.files("abliterate.data").joinpath(f"prompts/{name}_{split}.txt").read_text("utf-8")
     return _non_empty(text.splitlines())
 
 
@@ -84,7 +88,9 @@ def _load_file(path: Path, column: str, what: str) -> list[str]:
             return _non_empty(_parquet_column(path, column, what))
         text = path.read_text("utf-8")
     except UnicodeDecodeError:
-        raise UserError(f"{what}: {path} is not valid UTF-8; convert it (for example with iconv -t utf-8)") from None
+        raise UserError(
+            f"{what}: {path} is not valid UTF-8; convert it (for example with iconv -t utf-8)"
+        ) from None
     if suffix == ".jsonl":
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -99,14 +105,18 @@ def _load_file(path: Path, column: str, what: str) -> list[str]:
     if suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
         if column not in (reader.fieldnames or []):
-            raise UserError(f"{what}: {path} has no column {column!r} (columns: {', '.join(reader.fieldnames or [])})")
+            raise UserError(
+                f"{what}: {path} has no column {column!r} (columns: {', '.join(reader.fieldnames or [])})"
+            )
         return _non_empty(row[column] for row in reader)
     return _non_empty(text.splitlines())
 
 
 def _column(record: object, column: str, path: Path, what: str) -> str:
     if not isinstance(record, dict) or column not in record:
-        raise UserError(f"{what}: {path} has a row without the column {column!r}; choose it with --{what.lstrip('-')}-column")
+        raise UserError(
+            f"{what}: {path} has a row without the column {column!r}; choose it with --{what.lstrip('-')}-column"
+        )
     return str(record[column])
 
 
@@ -134,7 +144,9 @@ def _load_dataset(dataset_id: str, split: str, column: str, what: str) -> list[s
     except Exception as error:  # datasets raises many types; all mean the same to the user
         raise UserError(f"{what}: cannot load dataset {dataset_id!r} split {split!r}: {error}") from None
     if column not in data.column_names:
-        raise UserError(f"{what}: dataset {dataset_id!r} has no column {column!r} (columns: {', '.join(data.column_names)})")
+        raise UserError(
+            f"{what}: dataset {dataset_id!r} has no column {column!r} (columns: {', '.join(data.column_names)})"
+        )
     return _non_empty(str(value) for value in data[column])
 
 

@@ -80,7 +80,12 @@ class LayerCache(Restorer):
                     copy = source.to("cpu", copy=True) if on_host else source.clone()
                     copies.append(copy.pin_memory() if pin else copy)
                 self.originals[layer][component] = copies
-        size = sum(t.numel() * t.element_size() for parts in self.originals.values() for ts in parts.values() for t in ts)
+        size = sum(
+            t.numel() * t.element_size()
+            for parts in self.originals.values()
+            for ts in parts.values()
+            for t in ts
+        )
         on_accelerator = any(matrix.parameter.device.type != "cpu" for *_, matrix in editable.matrices())
         if on_host or not on_accelerator:
             self.host_bytes = size
@@ -91,7 +96,9 @@ class LayerCache(Restorer):
     def restore(self, touched: Iterable[tuple[int, str]]) -> None:
         devices = set()
         for layer, component in touched:
-            for matrix, original in zip(self.editable.components[layer][component], self.originals[layer][component], strict=True):
+            for matrix, original in zip(
+                self.editable.components[layer][component], self.originals[layer][component], strict=True
+            ):
                 matrix.parameter.data.copy_(original, non_blocking=self.on_host)
                 devices.add(matrix.parameter.device)
         if self.on_host:
@@ -108,7 +115,9 @@ class DiskRestorer(Restorer):
 
     def __init__(self, editable: EditableModel, folder: Path | None):
         if folder is None or not _safetensors_files(folder):
-            raise UserError("reset 'disk' needs the model's safetensors files on disk; use --reset gpu-cache or host-cache")
+            raise UserError(
+                "reset 'disk' needs the model's safetensors files on disk; use --reset gpu-cache or host-cache"
+            )
         self.editable = editable
         self.folder = folder
         key_files = _key_to_file(folder)
@@ -120,7 +129,9 @@ class DiskRestorer(Restorer):
     def restore(self, touched: Iterable[tuple[int, str]]) -> None:
         from safetensors import safe_open
 
-        matrices = [matrix for layer, component in touched for matrix in self.editable.components[layer][component]]
+        matrices = [
+            matrix for layer, component in touched for matrix in self.editable.components[layer][component]
+        ]
         by_file: dict[Path, list[tuple[Matrix, int, str]]] = {}
         for matrix in matrices:
             for position, (file, key) in enumerate(self.sources[matrix.name]):
@@ -128,7 +139,9 @@ class DiskRestorer(Restorer):
         for file, entries in by_file.items():
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for matrix, position, key in entries:
-                    _write_checkpoint_tensor(matrix, position, len(self.sources[matrix.name]), handle.get_tensor(key))
+                    _write_checkpoint_tensor(
+                        matrix, position, len(self.sources[matrix.name]), handle.get_tensor(key)
+                    )
 
 
 class FullReload(Restorer):
@@ -211,7 +224,9 @@ class AdapterEditor(Editor):
 
     def apply(self, edits: Iterable[Edit], row_norm: str = "none") -> None:
         if row_norm == "full":
-            raise UserError("--row-norm full changes every row's scale and cannot be expressed as an adapter; use none or pre")
+            raise UserError(
+                "--row-norm full changes every row's scale and cannot be expressed as an adapter; use none or pre"
+            )
         for edit in edits:
             for matrix in self.editable.components[edit.layer].get(edit.component, []):
                 self.hooks[matrix.name].set(edit.direction, edit.weight, row_norm)
@@ -303,9 +318,13 @@ def choose_strategy(
     quantized = is_quantized(editable)
     if requested != "auto":
         if quantized and requested != "adapter":
-            raise UserError(f"--reset {requested} cannot restore 4-bit weights; use --reset adapter (or auto)")
+            raise UserError(
+                f"--reset {requested} cannot restore 4-bit weights; use --reset adapter (or auto)"
+            )
         if not cache_weights and requested in ("gpu-cache", "host-cache"):
-            raise UserError(f"--reset {requested} keeps a cache, but --cache-weights is false; drop one of the two")
+            raise UserError(
+                f"--reset {requested} keeps a cache, but --cache-weights is false; drop one of the two"
+            )
         return Choice(requested, "requested")
     if quantized:
         return Choice("adapter", "4-bit weights cannot be edited in place")
@@ -319,17 +338,26 @@ def choose_strategy(
     accelerators = {device: size for device, size in per_device.items() if device.type != "cpu"}
     if not accelerators:
         if sum(per_device.values()) <= host_free - 2 * GiB:
-            return Choice("gpu-cache", f"fits: {host_free / GiB:.0f} GiB free in host memory, beside the CPU model")
+            return Choice(
+                "gpu-cache", f"fits: {host_free / GiB:.0f} GiB free in host memory, beside the CPU model"
+            )
         return Choice("disk", f"no room for a cache: {host_free / GiB:.1f} GiB free")
     short = [
-        device for device, size in accelerators.items() if size > free_device_bytes(device) - _evaluation_headroom(device)
+        device
+        for device, size in accelerators.items()
+        if size > free_device_bytes(device) - _evaluation_headroom(device)
     ]
     if not short:
         free = min(free_device_bytes(device) for device in accelerators)
         return Choice("gpu-cache", f"fits: {free / GiB:.0f} GiB free")
     if sum(per_device.values()) <= host_free - 2 * GiB:
-        return Choice("host-cache", f"not enough free memory on {short[0]}; {host_free / GiB:.0f} GiB free in host memory")
-    return Choice("disk", f"no room for a cache on {short[0]} or in host memory ({host_free / GiB:.1f} GiB free)")
+        return Choice(
+            "host-cache",
+            f"not enough free memory on {short[0]}; {host_free / GiB:.0f} GiB free in host memory",
+        )
+    return Choice(
+        "disk", f"no room for a cache on {short[0]} or in host memory ({host_free / GiB:.1f} GiB free)"
+    )
 
 
 def _free_device_bytes(device: torch.device) -> int:
@@ -347,10 +375,18 @@ def _free_host_bytes() -> int:
     return psutil.virtual_memory().available
 
 
+def human_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
 def describe(choice: Choice, editable: EditableModel, model: nn.Module) -> str:
     cache, total = editable.editable_bytes, model_bytes(model)
     if choice.strategy in ("gpu-cache", "host-cache"):
-        size = f"{cache / GiB:.2f} GiB = {100 * cache / total:.1f}% of {total / GiB:.2f} GiB"
+        size = f"{human_bytes(cache)} = {100 * cache / total:.1f}% of {human_bytes(total)}"
         return f"reset: {choice.strategy}, {size} ({choice.reason})"
     return f"reset: {choice.strategy} ({choice.reason})"
 
@@ -430,7 +466,9 @@ def _checkpoint_keys(matrix: Matrix, key_files: dict[str, Path]) -> list[tuple[P
         return [(key_files[matrix.name], matrix.name)]
     match = _LAYER_PART.search(matrix.name)
     if match is None:
-        raise UserError(f"cannot find {matrix.name} in the checkpoint files; use a cache reset instead of 'disk'")
+        raise UserError(
+            f"cannot find {matrix.name} in the checkpoint files; use a cache reset instead of 'disk'"
+        )
     layer, rest = match.groups()
     suffix = re.compile(rf"(?:^|\.)(?:layers|h|blocks)\.{layer}\.{re.escape(rest)}$")
     same = [key for key in key_files if suffix.search(key)]
@@ -439,9 +477,12 @@ def _checkpoint_keys(matrix: Matrix, key_files: dict[str, Path]) -> list[tuple[P
     if rest.endswith("experts.down_proj"):
         container = re.escape(rest[: -len("experts.down_proj")])
         container_names = rf"(?:{container}|block_sparse_moe\.)" if container == "mlp\\." else container
-        per_expert = re.compile(rf"(?:^|\.)(?:layers|h|blocks)\.{layer}\.{container_names}experts\.(\d+)\.(?:down_proj|w2)\.weight$")
+        per_expert = re.compile(
+            rf"(?:^|\.)(?:layers|h|blocks)\.{layer}\.{container_names}experts\.(\d+)\.(?:down_proj|w2)\.weight$"
+        )
         experts = sorted(
-            ((int(found.group(1)), key) for key in key_files if (found := per_expert.search(key))), key=lambda item: item[0]
+            ((int(found.group(1)), key) for key in key_files if (found := per_expert.search(key))),
+            key=lambda item: item[0],
         )
         if len(experts) == matrix.parameter.shape[0]:
             return [(key_files[key], key) for _, key in experts]

@@ -56,8 +56,12 @@ class Settings(BaseSettings):
         description="dtypes to try in order when loading (comma-separated)",
     )
     device_map: str = Field("auto", description="accelerate device map: auto, cpu, cuda, cuda:1, ...")
-    trust_remote_code: bool = Field(False, description="run code shipped with the model (only for models you trust)")
-    chat_template: Path | None = Field(None, description="Jinja chat template file, for tokenizers without one")
+    trust_remote_code: bool = Field(
+        False, description="run code shipped with the model (only for models you trust)"
+    )
+    chat_template: Path | None = Field(
+        None, description="Jinja chat template file, for tokenizers without one"
+    )
     system_prompt: str | None = Field(None, description="system message put before every prompt")
 
     # -- prompts ----------------------------------------------------------------------------
@@ -78,19 +82,30 @@ class Settings(BaseSettings):
     n_startup_trials: int = Field(60, ge=0, description="random trials before TPE takes over")
     seed: int = Field(0, description="seed of the sampler")
     direction_scope: DirectionScope = Field(
-        "search", description="global: one interpolated direction; per-layer: each layer's own; search: let Optuna choose"
+        "search",
+        description="global: one interpolated direction; per-layer: each layer's own; search: let Optuna choose",
     )
-    row_norm: RowNorm = Field("none", description="none, pre (edit row-normalized), full (rows keep their norms)")
-    storage: str | None = Field(None, description="Optuna storage URL; default: SQLite file in the output folder")
-    study_name: str | None = Field(None, description="study name in the storage; default: from the model name")
+    row_norm: RowNorm = Field(
+        "none", description="none, pre (edit row-normalized), full (rows keep their norms)"
+    )
+    storage: str | None = Field(
+        None, description="Optuna storage URL; default: SQLite file in the output folder"
+    )
+    study_name: str | None = Field(
+        None, description="study name in the storage; default: from the model name"
+    )
 
     # -- weight reset -----------------------------------------------------------------------
     reset: ResetName = Field("auto", description="how weights return to the original between trials")
     cache_weights: bool = Field(True, description="false: keep no cache, reload editable tensors from disk")
-    verify_restore: bool = Field(False, description="hash editable tensors after every reset and stop on mismatch")
+    verify_restore: bool = Field(
+        False, description="hash editable tensors after every reset and stop on mismatch"
+    )
 
     # -- result -----------------------------------------------------------------------------
-    output: Path | None = Field(None, description="output folder (study + saved model); default: abliterated/<model>")
+    output: Path | None = Field(
+        None, description="output folder (study + saved model); default: abliterated/<model>"
+    )
     select: str | None = Field(None, description="pick a trial: knee, min-refusals, min-kl, trial:N, none")
     chat: bool = Field(False, description="chat with the result when done")
     debug: bool = Field(False, description="show tracebacks")
@@ -174,5 +189,7 @@ def describe_validation_error(error: ValidationError, config_file: Path | None) 
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     given = first.get("input")
-    shown = f" (got {given!r})" if isinstance(given, str | int | float) and not isinstance(given, bool) else ""
+    shown = (
+        f" (got {given!r})" if isinstance(given, str | int | float) and not isinstance(given, bool) else ""
+    )
     return f"{option}: {message}{shown}"

@@ -50,7 +50,9 @@ class SearchSpace:
         return trial.params
 
 
-def edits_from_params(params: dict, directions: torch.Tensor, components: tuple[str, ...], direction_scope: str) -> list[Edit]:
+def edits_from_params(
+    params: dict, directions: torch.Tensor, components: tuple[str, ...], direction_scope: str
+) -> list[Edit]:
     """The edits a trial's parameters describe: one per (layer, component) with a non-zero weight."""
     num_layers = directions.shape[0]
     scope = params.get("direction_scope", direction_scope)
@@ -129,19 +131,18 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         raise UserError(f"cannot open storage {url!r}: {str(error).splitlines()[0]}") from None
 
 
-def open_study(storage: optuna.storages.BaseStorage, study_name: str, seed: int, n_startup_trials: int, model_name: str) -> optuna.Study:
-    sampler = optuna.samplers.TPESampler(
+def open_study(
+    storage: optuna.storages.BaseStorage, study_name: str, seed: int, n_startup_trials: int, model_name: str
+) -> optuna.Study:
+    study = optuna.create_study(
+        storage=storage, study_name=study_name, directions=["minimize", "minimize"], load_if_exists=True
+    )
+    # A resumed study must not replay the random start-up trials it already has: offset the seed.
+    study.sampler = optuna.samplers.TPESampler(
         n_startup_trials=n_startup_trials,
-        seed=seed,
+        seed=seed + len(study.get_trials(deepcopy=False)),
         multivariate=True,
         constant_liar=True,  # several workers: running trials count as pessimistic results
-    )
-    study = optuna.create_study(
-        storage=storage,
-        study_name=study_name,
-        directions=["minimize", "minimize"],
-        sampler=sampler,
-        load_if_exists=True,
     )
     stored_model = study.user_attrs.get("model")
     if stored_model is None:
@@ -159,14 +160,20 @@ def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
-def run_study(study: optuna.Study, objective: Objective, n_trials: int, callbacks: list | None = None) -> None:
+def run_study(
+    study: optuna.Study, objective: Objective, n_trials: int, callbacks: list | None = None
+) -> None:
     """Run trials until the study holds `n_trials` finished ones, whoever finishes them."""
     if len(finished_trials(study)) >= n_trials:
         return
     failures = _ConsecutiveFailures()
     study.optimize(
         objective,
-        callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,)), failures, *(callbacks or [])],
+        callbacks=[
+            optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,)),
+            failures,
+            *(callbacks or []),
+        ],
         catch=(NumericalFault,),
         gc_after_trial=False,
         show_progress_bar=False,
@@ -230,4 +237,6 @@ def knee(front: list[FrozenTrial]) -> FrozenTrial:
         low, high = min(values), max(values)
         return 0.0 if high == low else (value - low) / (high - low)
 
-    return min(front, key=lambda trial: math.hypot(scaled(trial.values[0], refusals), scaled(trial.values[1], kls)))
+    return min(
+        front, key=lambda trial: math.hypot(scaled(trial.values[0], refusals), scaled(trial.values[1], kls))
+    )

@@ -1,0 +1,1 @@
+"""Data shipped with the package: prompt sets, refusal markers, the demo model."""
