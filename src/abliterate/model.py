@@ -7,6 +7,7 @@ residuals at the last prompt token, next-token log-probabilities, and greedy gen
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -217,7 +218,18 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+def _needs_remote_code(folder: Path) -> bool:
+    """A local model whose architecture transformers does not know but the folder ships code for."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = json.loads((folder / "config.json").read_text("utf-8"))
+    return "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING
+
+
 def _load_config(source: str, trust_remote_code: bool) -> transformers.PretrainedConfig:
+    # Checked before transformers sees the folder: it would otherwise ask on the terminal.
+    if not trust_remote_code and Path(source).is_dir() and _needs_remote_code(Path(source)):
+        raise UserError(f"model {source!r} runs its own code; pass --trust-remote-code true if you trust its authors")
     try:
         return transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as error:
