@@ -13,10 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from abliterate.errors import UserError
-from abliterate.settings import PromptSet, Settings, load_settings
+from abliterate.settings import Settings, load_settings
 
 PROMPT_SETS = ("harmful_train", "harmless_train", "harmful_eval", "harmless_eval")
 
@@ -62,32 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_settings(argv: list[str]) -> Settings:
-    parser = build_parser()
-    arguments = vars(parser.parse_args(argv))
+    arguments = vars(build_parser().parse_args(argv))
     config_file = arguments.pop("config")
-    given = {key: value for key, value in arguments.items() if value is not None}
-    flat = {key: value for key, value in given.items() if "." not in key and key not in PROMPT_SETS}
-    prompt_parts = {key: value for key, value in given.items() if key not in flat}
-    if not prompt_parts:
-        return load_settings(flat, config_file)
-    # A flag may change one part of a prompt set (say its split) and keep the rest from lower sources.
-    base = load_settings(flat, config_file)
-    for name in PROMPT_SETS:
-        update: dict[str, Any] = {
-            part.split(".")[1]: value for part, value in prompt_parts.items() if part.startswith(name + ".")
-        }
-        if name in prompt_parts:
-            update["source"] = prompt_parts[name]
-        if update:
-            flat[name] = _merged(getattr(base, name), update)
-    return load_settings(flat, config_file)
-
-
-def _merged(current: BaseModel, update: dict[str, Any]) -> dict[str, Any]:
-    if "source" in update and update["source"] != current.source and "column" not in update:
-        # A new source starts from the defaults, not from the old source's column.
-        current = PromptSet(source=update["source"], split=current.split)
-    return {**current.model_dump(), **update}
+    values: dict[str, Any] = {}
+    for key, value in arguments.items():
+        if value is None:
+            continue
+        # `--harmful-eval-split X` sets one part of a prompt set; the other sources fill the rest.
+        name, _, part = key.partition(".")
+        if name in PROMPT_SETS:
+            values.setdefault(name, {})[part or "source"] = value
+        else:
+            values[key] = value
+    return load_settings(values, config_file)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -229,7 +229,9 @@ def _needs_remote_code(folder: Path) -> bool:
 def _load_config(source: str, trust_remote_code: bool) -> transformers.PretrainedConfig:
     # Checked before transformers sees the folder: it would otherwise ask on the terminal.
     if not trust_remote_code and Path(source).is_dir() and _needs_remote_code(Path(source)):
-        raise UserError(f"model {source!r} runs its own code; pass --trust-remote-code true if you trust its authors")
+        raise UserError(
+            f"model {source!r} runs its own code; pass --trust-remote-code true if you trust its authors"
+        )
     try:
         return transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as error:

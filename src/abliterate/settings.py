@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -41,6 +41,14 @@ class PromptSet(BaseModel):
     column: str = Field("text", description="column holding the prompt (jsonl, csv, parquet, datasets)")
 
 
+PROMPT_SET_DEFAULTS = {
+    "harmful_train": {"source": "builtin:harmful", "split": "train"},
+    "harmless_train": {"source": "builtin:harmless", "split": "train"},
+    "harmful_eval": {"source": "builtin:harmful", "split": "eval"},
+    "harmless_eval": {"source": "builtin:harmless", "split": "eval"},
+}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ABLITERATE_",
@@ -65,10 +73,10 @@ class Settings(BaseSettings):
     system_prompt: str | None = Field(None, description="system message put before every prompt")
 
     # -- prompts ----------------------------------------------------------------------------
-    harmful_train: PromptSet = PromptSet(source="builtin:harmful", split="train")
-    harmless_train: PromptSet = PromptSet(source="builtin:harmless", split="train")
-    harmful_eval: PromptSet = PromptSet(source="builtin:harmful", split="eval")
-    harmless_eval: PromptSet = PromptSet(source="builtin:harmless", split="eval")
+    harmful_train: PromptSet = PromptSet(**PROMPT_SET_DEFAULTS["harmful_train"])
+    harmless_train: PromptSet = PromptSet(**PROMPT_SET_DEFAULTS["harmless_train"])
+    harmful_eval: PromptSet = PromptSet(**PROMPT_SET_DEFAULTS["harmful_eval"])
+    harmless_eval: PromptSet = PromptSet(**PROMPT_SET_DEFAULTS["harmless_eval"])
     refusal_markers: list[str] | None = Field(
         None, description="substrings that mark a refusal (comma-separated); default: the shipped list"
     )
@@ -109,6 +117,17 @@ class Settings(BaseSettings):
     select: str | None = Field(None, description="pick a trial: knee, min-refusals, min-kl, trial:N, none")
     chat: bool = Field(False, description="chat with the result when done")
     debug: bool = Field(False, description="show tracebacks")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _complete_prompt_sets(cls, data: Any) -> Any:
+        """Sources are deep-merged by pydantic-settings, but not with field defaults: a source that
+        sets only `split` of a prompt set keeps the default `source`."""
+        if isinstance(data, dict):
+            for name, default in PROMPT_SET_DEFAULTS.items():
+                if isinstance(data.get(name), dict):
+                    data[name] = {**default, **data[name]}
+        return data
 
     @field_validator("dtypes", "refusal_markers", mode="before")
     @classmethod

@@ -1,0 +1,107 @@
+"""Prompt sets from every kind of source."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from abliterate.errors import UserError
+from abliterate.prompts import Split, builtin_prompts, load_prompts
+from abliterate.settings import PromptSet
+
+
+def test_builtin_sets_are_large_distinct_and_disjoint():
+    sets = {
+        (name, split): builtin_prompts(name, split)
+        for name in ("harmful", "harmless")
+        for split in ("train", "eval")
+    }
+    for (name, split), prompts in sets.items():
+        assert len(prompts) >= (400 if split == "train" else 100), (name, split)
+        assert len({p.lower() for p in prompts}) == len(prompts)
+    everything = [p.lower() for prompts in sets.values() for p in prompts]
+    assert len(set(everything)) == len(everything)
+
+
+def test_builtin_split_slices():
+    prompts = load_prompts(PromptSet(source="builtin:harmless", split="eval[10:20]"), "x")
+    assert prompts == builtin_prompts("harmless", "eval")[10:20]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv", ".parquet"])
+def test_local_files(tmp_path: Path, suffix: str):
+    rows = ["first prompt", "second, with a comma", 'third "quoted"']
+    path = tmp_path / f"prompts{suffix}"
+    if suffix == ".txt":
+        path.write_text("\n".join(rows) + "\n\n")
+    elif suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps({"prompt": row, "id": i}) for i, row in enumerate(rows)))
+    elif suffix == ".csv":
+        import csv
+
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "prompt"])
+            writer.writerows([[i, row] for i, row in enumerate(rows)])
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"prompt": rows}), path)
+    column = "text" if suffix == ".txt" else "prompt"
+    assert load_prompts(PromptSet(source=str(path), split="", column=column), "x") == rows
+    assert load_prompts(PromptSet(source=str(path), split="[1:]", column=column), "x") == rows[1:]
+
+
+def test_dataset_ids_need_the_datasets_package(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(UserError, match=r"pip install 'abliterate\[datasets\]'"):
+        load_prompts(PromptSet(source="someone/harmful-prompts"), "--harmful-train")
+
+
+def test_dataset_ids_go_through_datasets(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    class FakeDataset:
+        column_names = ("text",)
+
+        def __getitem__(self, column):
+            return [f"prompt {i}" for i in range(5)]
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, split: calls.append((name, split)) or FakeDataset()
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert load_prompts(PromptSet(source="someone/prompts", split="test[:2]"), "x") == [
+        "prompt 0",
+        "prompt 1",
+    ]
+    assert calls == [("someone/prompts", "test")]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("train", Split("train", None, None)),
+        ("eval[:50]", Split("eval", None, 50)),
+        ("train[10:-5]", Split("train", 10, -5)),
+    ],
+)
+def test_split_syntax(text, expected):
+    assert Split.parse(text) == expected
+
+
+def test_bad_split_syntax():
+    with pytest.raises(UserError, match="bad split"):
+        Split.parse("train[[5]")

@@ -1,0 +1,90 @@
+"""Settings: sources in order of priority, and flags generated from the fields."""
+
+from pathlib import Path
+
+import pytest
+
+from abliterate.cli import build_parser, parse_settings
+from abliterate.errors import SettingsError
+from abliterate.settings import Settings, load_settings
+
+
+def test_defaults():
+    settings = load_settings({})
+    assert settings.n_trials == 200
+    assert settings.cache_weights is True
+    assert settings.reset == "auto"
+    assert settings.harmful_eval.source == "builtin:harmful" and settings.harmful_eval.split == "eval"
+
+
+def test_priority_is_cli_then_environment_then_toml(tmp_path: Path, monkeypatch):
+    config = tmp_path / "config.toml"
+    config.write_text(
+        'n_trials = 5\nseed = 11\nstudy_name = "from-toml"\n[harmful_train]\nsource = "mine.txt"\n'
+    )
+    monkeypatch.setenv("ABLITERATE_SEED", "22")
+    monkeypatch.setenv("ABLITERATE_STUDY_NAME", "from-env")
+    settings = parse_settings(["--config", str(config), "--study-name", "from-cli"])
+    assert settings.n_trials == 5  # toml over default
+    assert settings.seed == 22  # environment over toml
+    assert settings.study_name == "from-cli"  # command line over environment
+    assert settings.harmful_train.source == "mine.txt"
+
+
+def test_default_config_file_is_read_from_the_working_folder(tmp_path: Path, monkeypatch):
+    (tmp_path / "config.toml").write_text("n_trials = 9\n")
+    monkeypatch.chdir(tmp_path)
+    assert parse_settings([]).n_trials == 9
+
+
+def test_nested_environment_variables(monkeypatch):
+    monkeypatch.setenv("ABLITERATE_HARMLESS_EVAL__SPLIT", "eval[:10]")
+    assert load_settings({}).harmless_eval.split == "eval[:10]"
+
+
+def test_a_split_flag_keeps_the_source_from_the_config(tmp_path: Path):
+    config = tmp_path / "config.toml"
+    config.write_text('[harmful_eval]\nsource = "mine.jsonl"\ncolumn = "prompt"\n')
+    settings = parse_settings(["--config", str(config), "--harmful-eval-split", "train[:20]"])
+    assert (settings.harmful_eval.source, settings.harmful_eval.split, settings.harmful_eval.column) == (
+        "mine.jsonl", "train[:20]", "prompt",
+    )  # fmt: skip
+
+
+def test_a_source_flag_keeps_the_default_split():
+    settings = parse_settings(["--harmless-eval", "file.csv"])
+    assert (settings.harmless_eval.source, settings.harmless_eval.split) == ("file.csv", "eval")
+
+
+def test_lists_and_booleans_from_flags():
+    settings = parse_settings(["--dtypes", "bfloat16, float32", "--cache-weights", "false", "--chat"])
+    assert settings.dtypes == ["bfloat16", "float32"]
+    assert settings.cache_weights is False and settings.chat is True
+
+
+def test_every_field_has_a_flag():
+    flags = {action.dest.split(".")[0] for action in build_parser()._actions}
+    assert set(Settings.model_fields) <= flags
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"batch_size": "-1"}, "--batch-size: Input should be greater than or equal to 0 (got '-1')"),
+        ({"max_response_length": "0"}, "--max-response-length: Input should be greater than 0 (got '0')"),
+        ({"row_norm": "half"}, "--row-norm: Input should be 'none', 'pre' or 'full' (got 'half')"),
+        ({"refusal_markers": " , "}, "--refusal-markers: give at least one marker (got ' , ')"),
+    ],
+)
+def test_bad_values_are_one_line(values, message):
+    with pytest.raises(SettingsError) as caught:
+        load_settings(values)
+    assert str(caught.value) == message
+    assert caught.value.exit_code == 2
+
+
+def test_broken_toml_is_one_line(tmp_path: Path):
+    config = tmp_path / "config.toml"
+    config.write_text("n_trials = = 3\n")
+    with pytest.raises(SettingsError, match=r"^cannot read .*config.toml"):
+        load_settings({}, config)
