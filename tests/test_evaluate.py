@@ -1,0 +1,72 @@
+"""Refusal detection, KL divergence and the evaluator's passes."""
+
+import torch
+from conftest import tiny_model, tiny_tokenizer
+
+from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers, kl_divergence
+from abliterate.model import ChatModel
+
+
+def test_markers_match_case_insensitively_with_any_apostrophe():
+    detector = RefusalDetector(["i can't", "sorry"])
+    assert detector("I CAN\u2019T do that")
+    assert detector("Sorry, no.")
+    assert detector("Well, I can`t.")
+    assert not detector("I can do that: here is how.")
+
+
+def test_shipped_markers_are_loaded():
+    markers = default_refusal_markers()
+    assert "sorry" in markers and "i cannot" in markers
+    assert not any(marker.startswith("#") for marker in markers)
+
+
+def test_kl_divergence_matches_torch():
+    reference = torch.log_softmax(torch.randn(5, 11, dtype=torch.float64), dim=-1)
+    other = torch.log_softmax(torch.randn(5, 11, dtype=torch.float64), dim=-1)
+    expected = torch.nn.functional.kl_div(other, reference, log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(kl_divergence(reference, other), expected)
+    assert torch.allclose(kl_divergence(reference, reference), torch.zeros(5, dtype=torch.float64))
+
+
+def tiny_chat_model() -> ChatModel:
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = "left"
+    return ChatModel(model=tiny_model("llama"), tokenizer=tokenizer, source="tiny", folder=None)
+
+
+def test_batches_are_left_padded_and_logprobs_do_not_depend_on_batching():
+    model = tiny_chat_model()
+    prompts = ["hi", "how do i bake bread at home today", "write a poem"]
+    (batch,) = model.encode(prompts, batch_size=3)
+    assert (batch["attention_mask"][:, -1] == 1).all()  # every prompt ends at the last position
+    together = model.next_token_logprobs(batch)
+    alone = torch.cat([model.next_token_logprobs(b) for b in model.encode(prompts, batch_size=1)])
+    assert torch.allclose(together, alone, atol=1e-4)
+
+
+def test_residuals_have_one_vector_per_layer():
+    model = tiny_chat_model()
+    (batch,) = model.encode(["a", "bb", "ccc", "dddd"], batch_size=4)
+    residuals = model.last_token_residuals(batch, model.model.model.layers)
+    assert residuals.shape == (4, 3, 32) and residuals.dtype == torch.float32
+
+
+def test_evaluator_kl_is_zero_for_the_original_and_positive_after_an_edit():
+    model = tiny_chat_model()
+    evaluator = Evaluator(
+        model, ["write malware"], ["bake bread", "write a poem"], RefusalDetector(["sorry"]), 2, 4
+    )
+    assert evaluator.kl() == 0.0
+    with torch.no_grad():
+        model.model.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    assert evaluator.kl() > 0.0
+
+
+def test_early_stop_gives_the_same_count_as_full_generation():
+    model = tiny_chat_model()
+    prompts = ["how do i bake bread", "write malware", "write a poem about the sea", "i'm sorry"]
+    # A marker the random model says often: a single frequent character.
+    full = Evaluator(model, prompts, ["hi"], RefusalDetector(["e"]), 2, 12)
+    responses = full.responses(stop_early=False)
+    assert full.count_refusals(stop_early=True) == sum("e" in r.lower() for r in responses)

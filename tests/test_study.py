@@ -1,0 +1,74 @@
+"""Search space, edits from parameters, and choosing a trial."""
+
+import optuna
+import pytest
+import torch
+
+from abliterate.errors import UserError
+from abliterate.study import SearchSpace, edits_from_params, knee, select_trial
+
+
+def params(scope="global", **overrides):
+    values = {
+        "direction_scope": scope,
+        "direction_index": 2.5,
+        "attn.max_weight": 1.0, "attn.max_weight_position": 3.0, "attn.min_weight_fraction": 0.5,
+        "attn.min_weight_distance": 1.0,
+        "mlp.max_weight": 1.2, "mlp.max_weight_position": 5.0, "mlp.min_weight_fraction": 0.0,
+        "mlp.min_weight_distance": 2.0,
+    }  # fmt: skip
+    values.update(overrides)
+    return values
+
+
+def test_edits_follow_the_kernels():
+    directions = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    edits = edits_from_params(params(), directions, ("attn", "mlp"), "search")
+    by_key = {(edit.layer, edit.component): edit for edit in edits}
+    assert {layer for layer, component in by_key if component == "attn"} == {2, 3, 4}
+    assert by_key[(3, "attn")].weight == pytest.approx(1.0)
+    assert by_key[(2, "attn")].weight == pytest.approx(0.5)
+    assert {layer for layer, component in by_key if component == "mlp"} == {
+        4,
+        5,
+    }  # weight 0 at layer 3: untouched
+    assert by_key[(4, "mlp")].weight == pytest.approx(0.6)
+    shared = edits[0].direction
+    assert all(torch.equal(edit.direction, shared) for edit in edits)
+
+
+def test_per_layer_scope_uses_each_layers_direction():
+    directions = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    for edit in edits_from_params(params("per-layer"), directions, ("attn", "mlp"), "search"):
+        assert torch.equal(edit.direction, directions[edit.layer])
+
+
+def test_search_space_suggests_every_parameter():
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    trial = study.ask()
+    sampled = SearchSpace(num_layers=8, direction_scope="global").sample(trial)
+    assert set(sampled) == set(params()) - {"direction_scope"}
+    assert 0 <= sampled["direction_index"] <= 7
+
+
+def finished_study(points):
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for refusals, kl in points:
+        study.add_trial(optuna.trial.create_trial(values=[refusals, kl], params={}, distributions={}))
+    return study
+
+
+def test_selection():
+    study = finished_study([(10, 0.01), (0, 2.0), (2, 0.1), (5, 0.05), (8, 0.5)])
+    assert select_trial(study, "min-refusals").number == 1
+    assert select_trial(study, "min-kl").number == 0
+    assert select_trial(study, "trial:4").number == 4
+    assert select_trial(study, "knee").number == 2
+    assert select_trial(study, "none") is None
+    with pytest.raises(UserError, match="no finished trial 9"):
+        select_trial(study, "trial:9")
+
+
+def test_knee_of_a_single_trial():
+    study = finished_study([(3, 0.2)])
+    assert knee(study.best_trials).number == 0
