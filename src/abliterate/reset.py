@@ -69,6 +69,7 @@ class LayerCache(Restorer):
         self.editable = editable
         self.on_host = on_host
         self.name = "host-cache" if on_host else "gpu-cache"
+        # Pinned memory lets the restore's host-to-device copies run asynchronously at full speed.
         pin = on_host and torch.cuda.is_available()
         self.originals: dict[int, dict[str, list[torch.Tensor]]] = {}
         for layer, components in enumerate(editable.components):
@@ -77,8 +78,12 @@ class LayerCache(Restorer):
                 copies = []
                 for matrix in matrices:
                     source = matrix.parameter.detach()
-                    copy = source.to("cpu", copy=True) if on_host else source.clone()
-                    copies.append(copy.pin_memory() if pin else copy)
+                    if on_host:
+                        # Allocated pinned up front: one copy, never a pageable one first.
+                        copy = torch.empty(source.shape, dtype=source.dtype, pin_memory=pin).copy_(source)
+                    else:
+                        copy = source.clone()
+                    copies.append(copy)
                 self.originals[layer][component] = copies
         size = sum(
             t.numel() * t.element_size()
