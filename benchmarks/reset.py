@@ -133,6 +133,28 @@ def measure(
     return rows
 
 
+def compare_copy_kernels(shape: str, repeats: int, d2d: float) -> None:
+    """Per-tensor copy_ (one memcpy each) against one fused _foreach_copy_ over the same tensors."""
+    model = build(shape)
+    editable = find_components(model)
+    targets = [m.parameter.data for *_, m in editable.matrices()]
+    sources = [t.clone() for t in targets]
+    floor = 2 * editable.editable_bytes / d2d
+
+    def per_tensor():
+        for target, source in zip(targets, sources, strict=True):
+            target.copy_(source)
+
+    for name, action in (
+        ("copy_ per tensor", per_tensor),
+        ("_foreach_copy_", lambda: torch._foreach_copy_(targets, sources)),
+    ):
+        seconds = median_seconds(action, repeats)
+        print(
+            f"{shape} {len(targets)} tensors, {name}: {seconds * 1e3:.2f} ms = {seconds / floor:.2f} x floor ({floor * 1e3:.2f} ms)"
+        )
+
+
 HEADER = "| shape | strategy | model GiB | editable GiB (%) | reset (median) | floor | x floor | extra GPU GiB | extra host GiB | peak GPU GiB | exact |"
 
 
@@ -158,6 +180,9 @@ def main() -> None:
     )
     parser.add_argument("--strategies", default="gpu-cache,host-cache,disk,reload,adapter")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--compare-copy-kernels", action="store_true", help="only time copy_ against _foreach_copy_"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     d2d, h2d = copy_bandwidth()
@@ -168,6 +193,10 @@ def main() -> None:
     print(
         f"measured bandwidth: device-to-device {d2d / 1e12:.2f} TB/s (read+write), pinned host-to-device {h2d / 1e9:.1f} GB/s"
     )
+    if args.compare_copy_kernels:
+        for shape in args.shapes.split(","):
+            compare_copy_kernels(shape, args.repeats, d2d)
+        return
     print(HEADER)
     print("|---" * (HEADER.count("|") - 1) + "|")
     strategies = args.strategies.split(",")

@@ -1,5 +1,6 @@
 """Refusal detection, KL divergence and the evaluator's passes."""
 
+import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
@@ -70,3 +71,39 @@ def test_early_stop_gives_the_same_count_as_full_generation():
     full = Evaluator(model, prompts, ["hi"], RefusalDetector(["e"]), 2, 12)
     responses = full.responses(stop_early=False)
     assert full.count_refusals(stop_early=True) == sum("e" in r.lower() for r in responses)
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_result():
+    model = tiny_chat_model()
+    prompts = ["bake bread", "write a poem", "fix my bike", "plan a trip", "learn french"]
+    evaluator = Evaluator(model, prompts, prompts, RefusalDetector(["e"]), 8, 6)
+    expected_kl_rows = evaluator.reference_logprobs
+    expected_responses = evaluator.responses()
+    real_logprobs, real_generate = model.next_token_logprobs, model.generate
+    seen = []
+
+    def small_only(real):
+        def run(batch, *args):
+            seen.append(batch["input_ids"].shape[0])
+            if batch["input_ids"].shape[0] > 2:
+                raise torch.OutOfMemoryError("pretend")
+            return real(batch, *args)
+
+        return run
+
+    model.next_token_logprobs = small_only(real_logprobs)
+    model.generate = small_only(real_generate)
+    assert torch.allclose(evaluator._logprobs(), expected_kl_rows, atol=1e-5)
+    assert evaluator.responses() == expected_responses
+    assert max(seen) == 5 and min(seen) <= 2
+
+
+def test_out_of_memory_with_one_prompt_is_a_clear_error():
+    from abliterate.errors import UserError
+    from abliterate.evaluate import in_halves_on_oom
+
+    def always(batch):
+        raise torch.OutOfMemoryError("pretend")
+
+    with pytest.raises(UserError, match="out of memory even with a batch of one prompt"):
+        in_halves_on_oom(always, {"input_ids": torch.ones(4, 3)})

@@ -9,15 +9,17 @@ one forward pass over the harmless batches.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
+from typing import TypeVar
 
 import torch
 
 from abliterate.errors import UserError
-from abliterate.model import ChatModel
+from abliterate.model import Batch, ChatModel
 
+R = TypeVar("R", torch.Tensor, list[str])
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
 
 
@@ -82,7 +84,9 @@ class Evaluator:
         finished = self.detector if stop_early else None
         responses: list[str] = []
         for batch in self.harmful_batches:
-            responses += self.model.generate(batch, self.max_response_length, finished)
+            responses += in_halves_on_oom(
+                lambda b: self.model.generate(b, self.max_response_length, finished), batch
+            )
         return responses
 
     def count_refusals(self, stop_early: bool = True) -> int:
@@ -101,4 +105,23 @@ class Evaluator:
         return Scores(refusals=self.count_refusals(stop_early), kl=kl)
 
     def _logprobs(self) -> torch.Tensor:
-        return torch.cat([self.model.next_token_logprobs(batch) for batch in self.harmless_batches])
+        parts = [in_halves_on_oom(self.model.next_token_logprobs, batch) for batch in self.harmless_batches]
+        return torch.cat(parts)
+
+
+def in_halves_on_oom(run: Callable[[Batch], R], batch: Batch) -> R:
+    """Run on the batch; when the accelerator runs out of memory, run on each half and join the results."""
+    try:
+        return run(batch)
+    except torch.OutOfMemoryError:
+        rows = batch["input_ids"].shape[0]
+        if rows == 1:
+            raise UserError(
+                "out of memory even with a batch of one prompt; free memory or use a smaller --dtypes"
+            ) from None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = rows // 2
+    first = in_halves_on_oom(run, {key: value[:half] for key, value in batch.items()})
+    second = in_halves_on_oom(run, {key: value[half:] for key, value in batch.items()})
+    return torch.cat([first, second]) if isinstance(first, torch.Tensor) else first + second
