@@ -68,7 +68,7 @@ class Session:
 
 def quiet_libraries() -> None:
     """Our own progress bars and lines say what happens; the libraries' logs would repeat it."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -201,7 +201,9 @@ def search(session: Session, console: Console) -> None:
     with _progress(console) as progress:
         task = progress.add_task("study", total=settings.n_trials, completed=min(done, settings.n_trials))
 
-        def advance(study: optuna.Study, _trial) -> None:
+        def advance(study: optuna.Study, trial) -> None:
+            if trial.state == optuna.trial.TrialState.FAIL and "fail_reason" in trial.user_attrs:
+                console.print(f"trial {trial.number:>4}: failed, {trial.user_attrs['fail_reason']}")
             progress.update(task, completed=min(len(finished_trials(study)), settings.n_trials))
 
         run_study(session.study, objective, settings.n_trials, callbacks=[advance])

@@ -9,7 +9,10 @@ same study and runs only the trials still missing.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -91,24 +94,31 @@ class Objective:
         self.space = space
         self.row_norm = row_norm
         self.on_scores = on_scores
+        # Where Ctrl-C may raise at once; `run_study` narrows it to the evaluation (see `_Interrupt`).
+        self.interruptible: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         params = self.space.sample(trial)
         edits = edits_from_params(params, self.directions, self.space.components, self.space.direction_scope)
         try:
-            self.editor.apply(edits, self.row_norm)
-            scores = self.evaluator.score()
+            with self.interruptible():
+                scores = self.evaluate(edits)
         except NumericalFault as fault:
             trial.set_user_attr("fail_reason", str(fault))
             raise
-        finally:
-            self.editor.reset()
         trial.set_user_attr("refusals", scores.refusals)
         trial.set_user_attr("kl", scores.kl)
         trial.set_user_attr("edited_layers", sorted({edit.layer for edit in edits}))
         if self.on_scores is not None:
             self.on_scores(trial, scores)
         return scores.refusals, scores.kl
+
+    def evaluate(self, edits: list[Edit]) -> Scores:
+        try:
+            self.editor.apply(edits, self.row_norm)
+            return self.evaluator.score()
+        finally:
+            self.editor.reset()
 
 
 # -- storage -------------------------------------------------------------------------------------
@@ -167,21 +177,67 @@ def run_study(
     if len(finished_trials(study)) >= n_trials:
         return
     failures = _ConsecutiveFailures()
-    study.optimize(
-        objective,
-        callbacks=[
-            optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,)),
-            failures,
-            *(callbacks or []),
-        ],
-        catch=(NumericalFault,),
-        gc_after_trial=False,
-        show_progress_bar=False,
-    )
+    interrupt = _Interrupt(study)
+    objective.interruptible = interrupt.evaluating
+    with interrupt.installed():
+        study.optimize(
+            objective,
+            callbacks=[
+                optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,)),
+                failures,
+                *(callbacks or []),
+            ],
+            catch=(NumericalFault,),
+            gc_after_trial=False,
+            show_progress_bar=False,
+        )
+    if interrupt.requested:
+        raise KeyboardInterrupt
     if failures.stopped:
         raise UserError(
             f"{MAX_CONSECUTIVE_FAILURES} trials in a row failed ({failures.last_reason}); try --dtypes float32 or --row-norm none"
         )
+
+
+class _Interrupt:
+    """Ctrl-C that never lands inside a storage write.
+
+    During a trial's evaluation it raises at once: Optuna records that trial as failed. Anywhere
+    else (Optuna or the trial talking to the storage) it asks the study to stop, and the next
+    evaluation does not start.
+    """
+
+    def __init__(self, study: optuna.Study):
+        self.study = study
+        self.requested = False
+        self._evaluating = False
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        if self._evaluating:
+            raise KeyboardInterrupt
+        self.study.stop()
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        if self.requested:
+            raise KeyboardInterrupt
+        self._evaluating = True
+        try:
+            yield
+        finally:
+            self._evaluating = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers belong to the main thread; elsewhere Ctrl-C is not ours to handle
+            return
+        previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 class _ConsecutiveFailures:
