@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         default = field.default
         shown = ",".join(default) if isinstance(default, list) else default
-        help_text = f"{field.description} (default: {shown})" if field.description else None
+        help_text = field.description
+        if default is not None and "default:" not in (help_text or ""):
+            help_text = f"{help_text} (default: {shown})"
         if field.annotation is bool:
             # `--chat` alone means true; `--cache-weights false` is spelled out.
             parser.add_argument(
@@ -77,6 +79,8 @@ def parse_settings(argv: list[str]) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Nothing leaves the machine unless the user asks for it: no usage reports to the hub.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     debug = "--debug" in argv or os.environ.get("ABLITERATE_DEBUG", "").lower() in ("1", "true")
     try:
         settings = parse_settings(argv)
