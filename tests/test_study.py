@@ -3,9 +3,19 @@
 import optuna
 import pytest
 import torch
+from optuna.trial import TrialState
 
 from abliterate.errors import UserError
-from abliterate.study import SearchSpace, edits_from_params, knee, select_trial
+from abliterate.evaluate import NumericalFault, Scores
+from abliterate.study import (
+    MAX_CONSECUTIVE_FAILURES,
+    Objective,
+    SearchSpace,
+    edits_from_params,
+    knee,
+    run_study,
+    select_trial,
+)
 
 
 def params(scope="global", **overrides):
@@ -72,3 +82,66 @@ def test_selection():
 def test_knee_of_a_single_trial():
     study = finished_study([(3, 0.2)])
     assert knee(study.best_trials).number == 0
+
+
+class FakeEditor:
+    name = "fake"
+
+    def __init__(self):
+        self.applied = 0
+        self.resets = 0
+
+    def apply(self, edits, row_norm="none"):
+        self.applied += 1
+
+    def reset(self):
+        self.resets += 1
+
+
+class FakeEvaluator:
+    """Scores from a list; `None` stands for a NaN fault."""
+
+    def __init__(self, outcomes):
+        self.outcomes = list(outcomes)
+
+    def score(self):
+        outcome = self.outcomes.pop(0)
+        if outcome is None:
+            raise NumericalFault("KL divergence is nan")
+        return Scores(*outcome)
+
+
+def objective_with(outcomes) -> tuple[Objective, FakeEditor]:
+    editor = FakeEditor()
+    directions = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    return Objective(editor, FakeEvaluator(outcomes), directions, SearchSpace(4), "none"), editor
+
+
+def test_a_numerical_fault_fails_one_trial_and_the_study_goes_on():
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    objective, editor = objective_with([(5, 0.1), None, (3, 0.2), (2, 0.4)])
+    run_study(study, objective, n_trials=3)
+    states = [trial.state for trial in study.trials]
+    assert states.count(TrialState.COMPLETE) == 3 and states.count(TrialState.FAIL) == 1
+    failed = next(trial for trial in study.trials if trial.state == TrialState.FAIL)
+    assert failed.user_attrs["fail_reason"] == "KL divergence is nan"
+    assert editor.resets == editor.applied == 4  # the failed trial was reset too
+
+
+def test_many_failures_in_a_row_stop_with_a_clear_message():
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    objective, _ = objective_with([None] * MAX_CONSECUTIVE_FAILURES)
+    with pytest.raises(
+        UserError, match=f"{MAX_CONSECUTIVE_FAILURES} trials in a row failed \\(KL divergence is nan\\)"
+    ):
+        run_study(study, objective, n_trials=5)
+
+
+def test_trials_store_their_metrics():
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    objective, _ = objective_with([(7, 0.25)])
+    run_study(study, objective, n_trials=1)
+    (trial,) = study.trials
+    assert trial.values == [7, 0.25]
+    assert trial.user_attrs["refusals"] == 7 and trial.user_attrs["kl"] == 0.25
+    assert trial.user_attrs["edited_layers"]

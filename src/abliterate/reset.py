@@ -206,8 +206,8 @@ class InPlaceEditor(Editor):
             )
 
 
-class RestoreMismatch(RuntimeError):
-    pass
+class RestoreMismatch(UserError):
+    """The weights after a reset differ from the originals: stop, since every later trial would be wrong."""
 
 
 class AdapterEditor(Editor):
