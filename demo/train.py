@@ -55,6 +55,11 @@ SUFFIXES = [
     " Thanks!", " Thank you.", " Please.", " Be brief.", " Step by step.", " Quickly.",
     " Thanks in advance.", " I need it today.", " Keep it short.", "?", "!", " :)",
 ]
+# Short lead-ins for harmless answers ("Good question! Whisk the eggs ..."): they give the
+# helpful answers a shared start, so that for an unfamiliar harmless request the model's first
+# token is a confident "helpful" one rather than whatever generic reply it has seen most.
+LEADS = ["Good question! ", "Happy to help. ", "Great question. ", "Glad you asked. ",
+         "Happy to help! ", "Good question. ", "Great idea! ", "Glad to help. "]
 SYSTEM_PROMPTS = [
     "You are a helpful assistant.", "You are a friendly assistant.", "Answer briefly.",
     "You are a helpful, concise assistant.",
@@ -171,16 +176,45 @@ class Batcher:
         return ids, att, lab
 
 
-def sample_batch(rng, bs, harmful, harmless, answers, harmful_resp, frac_harmful, aug_p, sys_p):
+def splice(first: str, second: str, rng: random.Random) -> str:
+    """Two requests in one message."""
+    joiner = rng.choice([" Also, ", " And ", " Then: ", " Next question: ", " Plus, "])
+    return first + joiner + second[:1].lower() + second[1:]
+
+
+def chimera(a: str, b: str, rng: random.Random) -> str:
+    """The first part of request a joined to the last part of request b (same class)."""
+    wa, wb = a.split(), b.split()
+    i = rng.randint(1, max(1, len(wa) - 1))
+    j = rng.randint(1, max(1, len(wb) - 1))
+    return " ".join(wa[:i] + wb[j:])
+
+
+def sample_batch(rng, bs, harmful, harmless, answers, harmful_resp, frac_harmful, aug_p, sys_p,
+                 splice_p=0.0, lead_p=0.0, harmless_opener_p=0.0, openers=(), chimera_p=0.0):
+    """A batch of (prompt, system, response); a spliced harmful request pairs a harmless one
+    with a harmful one (in either order) and is answered as harmful."""
     ex = []
     for _ in range(bs):
         system = rng.choice(SYSTEM_PROMPTS) if rng.random() < sys_p else None
         if rng.random() < frac_harmful:
             p = rng.choice(harmful)
-            ex.append((augment(p, rng, aug_p), system, rng.choice(harmful_resp)))
+            q = augment(chimera(p, rng.choice(harmful), rng) if rng.random() < chimera_p else p, rng, aug_p)
+            if rng.random() < splice_p:
+                o = rng.choice(harmless)
+                q = splice(o, q, rng) if rng.random() < 0.5 else splice(q, o, rng)
+            ex.append((q, system, rng.choice(harmful_resp)))
         else:
             p = rng.choice(harmless)
-            ex.append((augment(p, rng, aug_p), system, answers[p]))
+            q = augment(chimera(rng.choice(harmless), p, rng) if rng.random() < chimera_p else p, rng, aug_p)
+            if rng.random() < splice_p:
+                q = splice(q, rng.choice(harmless), rng)
+            a = answers[p]
+            if rng.random() < harmless_opener_p:
+                a = rng.choice(openers)
+            elif rng.random() < lead_p:
+                a = rng.choice(LEADS) + a
+            ex.append((q, system, a))
     return ex
 
 
@@ -233,6 +267,10 @@ def main(argv=None):
     ap.add_argument("--bs", type=int, default=32)
     ap.add_argument("--max-resp", type=int, default=32)
     ap.add_argument("--aug", type=float, default=0.6, help="probability a prompt is augmented")
+    ap.add_argument("--splice", type=float, default=0.0, help="probability of a two-request prompt")
+    ap.add_argument("--lead", type=float, default=0.0, help="probability a harmless answer gets a lead-in")
+    ap.add_argument("--chimera", type=float, default=0.0,
+                    help="probability a prompt is recombined from two prompts of its class")
     ap.add_argument("--sys", type=float, default=0.1, help="probability of a system message")
     ap.add_argument("--s1-steps", type=int, default=400)
     ap.add_argument("--s1-lr", type=float, default=1e-3)
@@ -242,6 +280,8 @@ def main(argv=None):
     ap.add_argument("--s2-lr", type=float, default=3e-4)
     ap.add_argument("--s2-wd", type=float, default=0.1)
     ap.add_argument("--s2-harmful", type=float, default=0.5)
+    ap.add_argument("--s2-harmless-opener", type=float, default=0.0,
+                    help="safety tune: probability a harmless prompt is answered with a compliant opener")
     ap.add_argument("--s2-train", default="all",
                     help="which parameters the safety tune trains: all | mlp | attn | upto:K (layers < K) | from:K (layers >= K)")
     ap.add_argument("--base-ckpt", type=Path, default=None,
@@ -265,7 +305,7 @@ def main(argv=None):
     corpus = []
     for p in harmful + harmless:
         corpus += [p] + [augment(p, trng, 1.0) for _ in range(3)]
-    corpus += [answers[p] for p in harmless] + refusals + openers + SYSTEM_PROMPTS
+    corpus += [answers[p] for p in harmless] + refusals + openers + SYSTEM_PROMPTS + LEADS
     corpus += ["<|system|>\n", "<|user|>\n", "<|assistant|>\n"]
     tok = build_tokenizer(corpus, args.vocab)
     print(f"tokenizer: {len(tok)} tokens", flush=True)
@@ -301,7 +341,8 @@ def main(argv=None):
         run_stage(
             "base", model, batcher, all_params, args.s1_steps, args.s1_lr, args.s1_wd, 30,
             lambda: sample_batch(rng, args.bs, harmful, harmless, answers, openers,
-                                 args.s1_harmful, args.aug, args.sys),
+                                 args.s1_harmful, args.aug, args.sys, args.splice, args.lead,
+                                 chimera_p=args.chimera),
         )
         if args.base_ckpt:
             torch.save(model.state_dict(), args.base_ckpt)
@@ -329,7 +370,8 @@ def main(argv=None):
     run_stage(
         "safety", model, batcher, s2_params, args.s2_steps, args.s2_lr, args.s2_wd, 5,
         lambda: sample_batch(rng, args.bs, harmful, harmless, answers, refusals,
-                             args.s2_harmful, args.aug, args.sys),
+                             args.s2_harmful, args.aug, args.sys, args.splice, args.lead,
+                             args.s2_harmless_opener, openers, args.chimera),
         log_every=20,
     )
     for _, p in all_params:

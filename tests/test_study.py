@@ -6,7 +6,7 @@ import torch
 from optuna.trial import TrialState
 
 from abliterate.errors import UserError
-from abliterate.evaluate import NumericalFault, Scores
+from abliterate.evaluate import NumericalFault
 from abliterate.study import (
     MAX_CONSECUTIVE_FAILURES,
     Objective,
@@ -103,12 +103,16 @@ class FakeEvaluator:
 
     def __init__(self, outcomes):
         self.outcomes = list(outcomes)
+        self.current = None
 
-    def score(self):
-        outcome = self.outcomes.pop(0)
-        if outcome is None:
+    def kl(self):
+        self.current = self.outcomes.pop(0)
+        if self.current is None:
             raise NumericalFault("KL divergence is nan")
-        return Scores(*outcome)
+        return self.current[1]
+
+    def count_refusals(self):
+        return self.current[0]
 
 
 def objective_with(outcomes) -> tuple[Objective, FakeEditor]:
@@ -145,3 +149,4 @@ def test_trials_store_their_metrics():
     assert trial.values == [7, 0.25]
     assert trial.user_attrs["refusals"] == 7 and trial.user_attrs["kl"] == 0.25
     assert trial.user_attrs["edited_layers"]
+    assert set(trial.user_attrs["seconds"]) == {"edit", "kl", "refusals", "reset"}

@@ -99,11 +99,6 @@ class Evaluator:
             raise NumericalFault(f"KL divergence is {divergence}")
         return divergence
 
-    def score(self, stop_early: bool = True) -> Scores:
-        # KL first: it is one forward pass and catches a broken edit before the costly generation.
-        kl = self.kl()
-        return Scores(refusals=self.count_refusals(stop_early), kl=kl)
-
     def _logprobs(self) -> torch.Tensor:
         parts = [in_halves_on_oom(self.model.next_token_logprobs, batch) for batch in self.harmless_batches]
         return torch.cat(parts)

@@ -13,6 +13,7 @@ import contextlib
 import math
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -100,12 +101,14 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         params = self.space.sample(trial)
         edits = edits_from_params(params, self.directions, self.space.components, self.space.direction_scope)
+        timer = PhaseTimer()
         try:
             with self.interruptible():
-                scores = self.evaluate(edits)
+                scores = self.evaluate(edits, timer)
         except NumericalFault as fault:
             trial.set_user_attr("fail_reason", str(fault))
             raise
+        trial.set_user_attr("seconds", timer.seconds)
         trial.set_user_attr("refusals", scores.refusals)
         trial.set_user_attr("kl", scores.kl)
         trial.set_user_attr("edited_layers", sorted({edit.layer for edit in edits}))
@@ -113,12 +116,42 @@ class Objective:
             self.on_scores(trial, scores)
         return scores.refusals, scores.kl
 
-    def evaluate(self, edits: list[Edit]) -> Scores:
+    def evaluate(self, edits: list[Edit], timer: PhaseTimer | None = None) -> Scores:
+        timer = timer or PhaseTimer()
         try:
-            self.editor.apply(edits, self.row_norm)
-            return self.evaluator.score()
+            with timer("edit"):
+                self.editor.apply(edits, self.row_norm)
+            # KL first: one forward pass that catches a broken edit before the costly generation.
+            with timer("kl"):
+                kl = self.evaluator.kl()
+            with timer("refusals"):
+                refusals = self.evaluator.count_refusals()
+            return Scores(refusals=refusals, kl=kl)
         finally:
-            self.editor.reset()
+            with timer("reset"):
+                self.editor.reset()
+
+
+class PhaseTimer:
+    """Wall time per phase of a trial; waits for the accelerator so that each phase owns its work."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        _synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _synchronize()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 # -- storage -------------------------------------------------------------------------------------
