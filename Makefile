@@ -14,9 +14,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
-# The full pipeline on the built-in demo model: directions, a 60-trial study, the knee of the front saved.
+# The full pipeline on the built-in demo model: directions, a 60-trial study, the trial with fewest refusals saved.
 demo: $(BIN)/.installed
-	$(BIN)/abliterate --n-trials 60 --n-startup-trials 20 --select knee --output abliterated/demo
+	$(BIN)/abliterate --n-trials 60 --n-startup-trials 20 --select min-refusals --output abliterated/demo
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks demo

@@ -28,6 +28,13 @@ def demo_model_path() -> Path:
     return Path(str(resources.files("abliterate.data").joinpath("demo_model")))
 
 
+def model_name(source: str | None) -> str:
+    """A short name for folders and studies: the last part of the hub id or path."""
+    if source is None or Path(source).expanduser().resolve() == demo_model_path():
+        return DEMO_MODEL_NAME
+    return Path(source.rstrip("/")).name
+
+
 @dataclass
 class ChatModel:
     model: transformers.PreTrainedModel
@@ -38,7 +45,7 @@ class ChatModel:
 
     @property
     def name(self) -> str:
-        return DEMO_MODEL_NAME if self.folder == demo_model_path() else Path(self.source.rstrip("/")).name
+        return model_name(self.source)
 
     @property
     def input_device(self) -> torch.device:

@@ -7,6 +7,7 @@ progress. `run(settings)` is what the command line calls, and it can be called f
 from __future__ import annotations
 
 import base64
+import hashlib
 import shlex
 import sys
 import warnings
@@ -27,13 +28,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from abliterate import workers
 from abliterate.ablation import ablate_
 from abliterate.components import EditableModel, find_components
 from abliterate.directions import capture_residuals, refusal_directions
 from abliterate.errors import UserError
 from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers
 from abliterate.export import ModelCard, clean_partials, prepare_output, save_model
-from abliterate.model import ChatModel, load_chat_model
+from abliterate.model import DEMO_MODEL_NAME, ChatModel, load_chat_model, model_name
 from abliterate.prompts import load_prompts
 from abliterate.reset import AdapterEditor, Editor, choose_strategy, describe, make_editor
 from abliterate.settings import Settings
@@ -78,6 +80,11 @@ def run(settings: Settings, console: Console | None = None, command: str | None 
     """Run (or resume) the whole pipeline; returns the saved model folder, if one was saved."""
     console = console or Console(stderr=True)
     quiet_libraries()
+    if settings.workers > 1:
+        output, storage_url, study_name = study_location(settings)
+        prepare_output(output, None)
+        console.print(f"starting {settings.workers} workers on study {study_name!r} in {storage_url}")
+        workers.launch(settings, storage_url, study_name, output)
     session = prepare(settings, console)
     search(session, console)
     trial = choose(session, console)
@@ -107,12 +114,12 @@ def prepare(settings: Settings, console: Console) -> Session:
         system_prompt=settings.system_prompt,
     )
     editable = find_components(model.model)
-    output = settings.output or Path("abliterated") / model.name
+    output, storage_url, study_name = study_location(settings)
     prepare_output(output, model.folder)
     clean_partials(output)
-    storage = open_storage(settings.storage or f"sqlite:///{(output / STUDY_FILE).resolve()}")
-    study_name = settings.study_name or model.name
-    study = open_study(storage, study_name, settings.seed, settings.n_startup_trials, model.source)
+    study = open_study(
+        open_storage(storage_url), study_name, settings.seed, settings.n_startup_trials, model.source
+    )
 
     batch_size = settings.batch_size or model.auto_batch_size(
         max(len(model.tokenizer(model.format(p)).input_ids) for p in prompts["harmful_eval"]),
@@ -152,26 +159,46 @@ def prepare(settings: Settings, console: Console) -> Session:
     return Session(settings, model, editable, study, directions, evaluator, editor, output)
 
 
+def study_location(settings: Settings) -> tuple[Path, str, str]:
+    """The output folder, the storage URL and the study name, all known before the model loads."""
+    name = model_name(settings.model)
+    output = settings.output or Path("abliterated") / name
+    storage_url = settings.storage or f"sqlite:///{(output / STUDY_FILE).resolve()}"
+    return output, storage_url, settings.study_name or name
+
+
 def _directions(
     study, model: ChatModel, editable, prompts, batch_size: int, console: Console
 ) -> torch.Tensor:
     """Refusal directions, computed once per study and kept in it, so resumes and workers share them."""
-    stored = study.user_attrs.get("directions")
-    if stored is not None:
-        shape = study.user_attrs["directions_shape"]
-        return torch.frombuffer(bytearray(base64.b64decode(stored)), dtype=torch.float32).reshape(shape)
-    residuals = {}
-    with _progress(console) as progress:
-        for name in ("harmful_train", "harmless_train"):
-            task = progress.add_task(f"residuals: {name.replace('_', ' ')}", total=len(prompts[name]))
-            batches = model.encode(prompts[name], batch_size)
-            residuals[name] = capture_residuals(
-                model, batches, editable.layers, on_batch=lambda n, task=task: progress.advance(task, n)
-            )
-    directions = refusal_directions(residuals["harmful_train"], residuals["harmless_train"])
-    study.set_user_attr("directions", base64.b64encode(directions.numpy().tobytes()).decode("ascii"))
-    study.set_user_attr("directions_shape", list(directions.shape))
+    directions = _stored_directions(study)
+    if directions is None:
+        residuals = {}
+        with _progress(console) as progress:
+            for name in ("harmful_train", "harmless_train"):
+                task = progress.add_task(f"residuals: {name.replace('_', ' ')}", total=len(prompts[name]))
+                batches = model.encode(prompts[name], batch_size)
+                residuals[name] = capture_residuals(
+                    model, batches, editable.layers, on_batch=lambda n, task=task: progress.advance(task, n)
+                )
+        computed = refusal_directions(residuals["harmful_train"], residuals["harmless_train"])
+        # A worker that started at the same time may have stored its directions first: use those.
+        directions = _stored_directions(study)
+        if directions is None:
+            encoded = base64.b64encode(computed.numpy().tobytes()).decode("ascii")
+            study.set_user_attr("directions", {"shape": list(computed.shape), "float32_base64": encoded})
+            directions = computed
+    digest = hashlib.sha256(directions.numpy().tobytes()).hexdigest()[:16]
+    console.print(f"refusal directions: {directions.shape[0]} layers, sha256 {digest}")
     return directions
+
+
+def _stored_directions(study) -> torch.Tensor | None:
+    stored = study.user_attrs.get("directions")
+    if stored is None:
+        return None
+    raw = bytearray(base64.b64decode(stored["float32_base64"]))
+    return torch.frombuffer(raw, dtype=torch.float32).reshape(stored["shape"])
 
 
 def _reload(model: ChatModel) -> torch.nn.Module:
@@ -180,7 +207,7 @@ def _reload(model: ChatModel) -> torch.nn.Module:
     )
 
 
-def search(session: Session, console: Console) -> None:
+def search(session: Session, console: Console, label: str = "") -> None:
     settings = session.settings
     done = len(finished_trials(session.study))
     if done:
@@ -203,7 +230,7 @@ def search(session: Session, console: Console) -> None:
 
         def advance(study: optuna.Study, trial) -> None:
             if trial.state == optuna.trial.TrialState.FAIL and "fail_reason" in trial.user_attrs:
-                console.print(f"trial {trial.number:>4}: failed, {trial.user_attrs['fail_reason']}")
+                console.print(f"{label}trial {trial.number:>4}: failed, {trial.user_attrs['fail_reason']}")
             progress.update(task, completed=min(len(finished_trials(study)), settings.n_trials))
 
         run_study(session.study, objective, settings.n_trials, callbacks=[advance])
@@ -257,7 +284,7 @@ def apply_trial(session: Session, trial) -> None:
 
 def export(session: Session, trial, command: str) -> Path:
     card = ModelCard(
-        source_model=session.model.source if session.model.name != "abliterate-demo" else "abliterate-demo",
+        source_model=session.model.source if session.model.name != DEMO_MODEL_NAME else DEMO_MODEL_NAME,
         trial=trial.number,
         params=dict(trial.params),
         refusals=int(trial.values[0]),

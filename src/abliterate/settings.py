@@ -103,6 +103,13 @@ class Settings(BaseSettings):
         None, description="study name in the storage; default: from the model name"
     )
 
+    workers: int = Field(
+        1, ge=1, description="worker processes on this machine, one per GPU, sharing the study"
+    )
+    gpus: list[int] | None = Field(
+        None, description="GPUs for the workers (comma-separated); default: all visible"
+    )
+
     # -- weight reset -----------------------------------------------------------------------
     reset: ResetName = Field("auto", description="how weights return to the original between trials")
     cache_weights: bool = Field(True, description="false: keep no cache, reload editable tensors from disk")
@@ -129,7 +136,7 @@ class Settings(BaseSettings):
                     data[name] = {**default, **data[name]}
         return data
 
-    @field_validator("dtypes", "refusal_markers", mode="before")
+    @field_validator("dtypes", "refusal_markers", "gpus", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -10,10 +10,14 @@ same study and runs only the trials still missing.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
+import os
 import signal
+import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +31,7 @@ from abliterate.errors import UserError
 from abliterate.evaluate import Evaluator, NumericalFault, Scores
 from abliterate.reset import Edit, Editor
 
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # which process finished a trial, for the record
 # Heartbeats let Optuna mark the trial of a killed worker as failed instead of running forever.
 HEARTBEAT_SECONDS = 10
 MAX_CONSECUTIVE_FAILURES = 20
@@ -50,7 +55,7 @@ class SearchSpace:
             trial.suggest_float(f"{component}.max_weight", 0.8, 1.5)
             trial.suggest_float(f"{component}.max_weight_position", 0.3 * last, last)
             trial.suggest_float(f"{component}.min_weight_fraction", 0.0, 1.0)
-            trial.suggest_float(f"{component}.min_weight_distance", 1.0, max(1.0, 0.6 * last))
+            trial.suggest_float(f"{component}.min_weight_distance", 1.0, max(1.0, float(last)))
         return trial.params
 
 
@@ -97,8 +102,11 @@ class Objective:
         self.on_scores = on_scores
         # Where Ctrl-C may raise at once; `run_study` narrows it to the evaluation (see `_Interrupt`).
         self.interruptible: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        self.n_trials: int | None = None  # set by `run_study`: the study's size, for slot accounting
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        if self.n_trials is not None and _is_surplus(trial, self.n_trials):
+            raise optuna.TrialPruned("another worker holds the last slot")
         params = self.space.sample(trial)
         edits = edits_from_params(params, self.directions, self.space.components, self.space.direction_scope)
         timer = PhaseTimer()
@@ -109,6 +117,7 @@ class Objective:
             trial.set_user_attr("fail_reason", str(fault))
             raise
         trial.set_user_attr("seconds", timer.seconds)
+        trial.set_user_attr("worker", WORKER_ID)
         trial.set_user_attr("refusals", scores.refusals)
         trial.set_user_attr("kl", scores.kl)
         trial.set_user_attr("edited_layers", sorted({edit.layer for edit in edits}))
@@ -130,6 +139,12 @@ class Objective:
         finally:
             with timer("reset"):
                 self.editor.reset()
+
+
+def _is_surplus(trial: optuna.Trial, n_trials: int) -> bool:
+    """True when finished or running trials numbered below this one already fill the study."""
+    earlier = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    return sum(other.number < trial.number for other in earlier) >= n_trials
 
 
 class PhaseTimer:
@@ -157,21 +172,29 @@ def _synchronize() -> None:
 # -- storage -------------------------------------------------------------------------------------
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
     """An Optuna storage from a URL; `journal:PATH` gives a file journal safe for several processes."""
-    try:
-        if url.startswith("journal:"):
-            from optuna.storages.journal import JournalFileBackend
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
 
-            return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:") :]))
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=3 * HEARTBEAT_SECONDS,
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-        )
-    except Exception as error:  # sqlalchemy and drivers raise many types; all mean "cannot open"
-        raise UserError(f"cannot open storage {url!r}: {str(error).splitlines()[0]}") from None
+        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:") :]))
+    for attempt in itertools.count(1):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=3 * HEARTBEAT_SECONDS,
+                # SQLite serializes writers with a lock: let several local workers wait for it.
+                engine_kwargs={"connect_args": {"timeout": 60}}
+                if url.startswith("sqlite")
+                else {"pool_pre_ping": True},
+            )
+        except Exception as error:  # sqlalchemy and drivers raise many types; all mean "cannot open"
+            # Workers starting together race to create the schema: the loser finds it made on retry.
+            racing = type(error).__name__ in ("IntegrityError", "OperationalError")
+            if not racing or attempt == attempts:
+                raise UserError(f"cannot open storage {url!r}: {str(error).splitlines()[0]}") from None
+            time.sleep(0.5 * attempt)
 
 
 def open_study(
@@ -204,32 +227,54 @@ def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def run_study(
-    study: optuna.Study, objective: Objective, n_trials: int, callbacks: list | None = None
+    study: optuna.Study,
+    objective: Objective,
+    n_trials: int,
+    callbacks: list | None = None,
+    poll_seconds: float = 2.0,
 ) -> None:
-    """Run trials until the study holds `n_trials` finished ones, whoever finishes them."""
-    if len(finished_trials(study)) >= n_trials:
-        return
+    """Run trials until the study holds exactly `n_trials` finished ones, whoever finishes them.
+
+    Any number of workers may run this against one storage. Each trial holds a slot while it
+    runs; a worker only starts a trial while slots are free, and a trial that finds, once
+    created, that lower-numbered trials already fill every slot gives its slot up at once (pruned,
+    before any evaluation). So the study never exceeds `n_trials` finished trials. A worker whose
+    trial is left running by a dead worker waits until the storage's heartbeat marks it failed.
+    """
     failures = _ConsecutiveFailures()
     interrupt = _Interrupt(study)
     objective.interruptible = interrupt.evaluating
+    objective.n_trials = n_trials
     with interrupt.installed():
-        study.optimize(
-            objective,
-            callbacks=[
-                optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,)),
-                failures,
-                *(callbacks or []),
-            ],
-            catch=(NumericalFault,),
-            gc_after_trial=False,
-            show_progress_bar=False,
-        )
+        while not interrupt.requested and not failures.stopped:
+            live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+            if sum(trial.state == TrialState.COMPLETE for trial in live) >= n_trials:
+                break
+            if len(live) >= n_trials:  # the last slots are taken by other workers' running trials
+                _fail_stale_trials(study)
+                time.sleep(poll_seconds)
+                continue
+            study.optimize(
+                objective,
+                n_trials=1,
+                callbacks=[failures, *(callbacks or [])],
+                catch=(NumericalFault,),
+                gc_after_trial=False,
+                show_progress_bar=False,
+            )
     if interrupt.requested:
         raise KeyboardInterrupt
     if failures.stopped:
         raise UserError(
             f"{MAX_CONSECUTIVE_FAILURES} trials in a row failed ({failures.last_reason}); try --dtypes float32 or --row-norm none"
         )
+
+
+def _fail_stale_trials(study: optuna.Study) -> None:
+    """Mark trials of workers that stopped sending heartbeats as failed (storages with heartbeats only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 class _Interrupt:
@@ -249,7 +294,8 @@ class _Interrupt:
         self.requested = True
         if self._evaluating:
             raise KeyboardInterrupt
-        self.study.stop()
+        with contextlib.suppress(RuntimeError):  # between two optimize() calls there is nothing to stop
+            self.study.stop()
 
     @contextlib.contextmanager
     def evaluating(self):
