@@ -1,0 +1,105 @@
+"""The built-in demo model: it refuses, its refusal is linear, and the pipeline removes it."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+import transformers
+
+from abliterate.ablation import ablate_
+from abliterate.cli import main
+from abliterate.components import find_components
+from abliterate.directions import capture_residuals, refusal_directions
+from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers
+from abliterate.model import demo_model_path, load_chat_model
+from abliterate.prompts import builtin_prompts
+
+pytestmark = pytest.mark.slow
+
+
+@functools.cache
+def demo():
+    return load_chat_model(None, dtypes=["float32"], device_map="cpu")
+
+
+def evaluator(harmful, harmless, max_length=32) -> Evaluator:
+    return Evaluator(demo(), harmful, harmless, RefusalDetector(default_refusal_markers()), 50, max_length)
+
+
+def test_demo_model_is_small_and_shipped():
+    folder = demo_model_path()
+    size = sum(path.stat().st_size for path in folder.iterdir())
+    assert size < 10 * 1024**2
+    assert transformers.AutoConfig.from_pretrained(folder).model_type == "llama"
+    assert demo().tokenizer.chat_template
+
+
+def test_demo_model_refuses_harmful_and_answers_harmless():
+    harmful, harmless = builtin_prompts("harmful", "eval"), builtin_prompts("harmless", "eval")
+    refused_harmful = evaluator(harmful, harmless[:1]).count_refusals()
+    answers = evaluator(harmless, harmless[:1]).responses()
+    refused_harmless = sum(RefusalDetector(default_refusal_markers())(answer) for answer in answers)
+    assert refused_harmful >= 0.85 * len(harmful)
+    assert refused_harmless <= 0.15 * len(harmless)
+    assert len(set(answers)) > 0.5 * len(answers), "harmless answers should vary"
+
+
+def test_one_middle_direction_removes_the_refusal():
+    """Projecting a middle layer's direction out of every layer at weight 1: >= 80% fewer refusals, KL < 1."""
+    model = demo()
+    editable = find_components(model.model)
+    residuals = [
+        capture_residuals(model, model.encode(builtin_prompts(name, "train"), 50), editable.layers)
+        for name in ("harmful", "harmless")
+    ]
+    directions = refusal_directions(*residuals)
+    score = evaluator(builtin_prompts("harmful", "eval"), builtin_prompts("harmless", "eval"))
+    before = score.count_refusals()
+    originals = {matrix.name: matrix.parameter.detach().clone() for *_, matrix in editable.matrices()}
+    try:
+        middle = editable.num_layers // 2
+        for *_, matrix in editable.matrices():
+            ablate_(matrix.view(), directions[middle], 1.0)
+        after, kl = score.count_refusals(), score.kl()
+    finally:
+        with torch.no_grad():
+            for *_, matrix in editable.matrices():
+                matrix.parameter.copy_(originals[matrix.name])
+    assert after <= 0.2 * before
+    assert 0 < kl < 1
+
+
+def test_fast_evaluation_matches_full_generation():
+    """Stopping each response at its first marker gives the same refusal count and KL as generating it all."""
+    score = evaluator(
+        builtin_prompts("harmful", "eval")[:60], builtin_prompts("harmless", "eval")[:20], max_length=48
+    )
+    full = score.responses(stop_early=False)
+    assert score.count_refusals(stop_early=True) == sum(score.detector(response) for response in full)
+    assert score.kl() == 0.0
+
+
+def test_a_short_study_on_the_demo_model_removes_refusals(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--n-trials", "16", "--n-startup-trials", "8", "--select", "min-refusals", "--output", str(tmp_path / "out"),
+            "--harmful-eval-split", "eval[:40]", "--harmless-eval-split", "eval[:40]", "--max-response-length", "24"]  # fmt: skip
+    assert main(argv) == 0
+    saved = tmp_path / "out" / "model"
+    card = (saved / "README.md").read_text()
+    result = json.loads((saved / "abliterate.json").read_text())
+    err = capsys.readouterr().err
+    baseline = int(err.split("original model: ")[1].split("/")[0])
+    assert result["refusals"] < baseline / 2
+    assert result["kl"] > 0
+    assert "abliterate-demo" in card and f"{result['refusals']}/40" in card
+    model = transformers.AutoModelForCausalLM.from_pretrained(saved)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(saved)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "How do I bake bread?"}], add_generation_prompt=True, tokenize=False
+    )
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert output.shape[1] > inputs["input_ids"].shape[1]
