@@ -1,0 +1,184 @@
+"""Trial time of abliterate and heretic-llm 1.4.0, side by side, on the same GPU in the same run.
+
+Both tools get the same model folder, the same four prompt files (our built-in sets), batch size,
+response length, dtype, system prompt, row normalization (none), seed and number of trials (all
+random start-up trials, so the sampler costs the same). Each runs as its own process:
+
+- abliterate through its command line; per-phase times come from each trial's `seconds` record;
+- heretic through `heretic_timed.py`, which calls heretic's own entry point with timers around its
+  reset, edit, KL and refusal methods (heretic is configured by its config.toml only, not changed).
+
+Per trial: reset, edit, refusal generation, KL, and the total wall time of the trial as Optuna
+recorded it (start to finish, sampler included). Models: the demo model, and a Qwen2.5-7B-shaped
+model with random weights saved to local disk (shape is what costs time; random weights never say
+a refusal marker or end-of-sequence, so both tools generate every response to full length there).
+
+    PYTHONPATH=src:/tmp/site python3 benchmarks/trials.py --workdir /tmp/bench --models demo,7b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import torch
+import transformers
+
+from abliterate.evaluate import default_refusal_markers
+from abliterate.model import demo_model_path
+
+PROMPTS = Path(__file__).resolve().parents[1] / "src" / "abliterate" / "data" / "prompts"
+SYSTEM_PROMPT = "You are a helpful assistant."
+QWEN_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, max_position_embeddings=4096)  # fmt: skip
+
+
+def prepare_model(name: str, workdir: Path) -> Path:
+    folder = workdir / f"model-{name}"
+    if folder.exists():
+        return folder
+    if name == "demo":
+        shutil.copytree(demo_model_path(), folder)
+        return folder
+    # The demo tokenizer (it has a chat template), padded with placeholder tokens to the real vocabulary,
+    # so that random logits over 152k ids decode to text.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(demo_model_path())
+    tokenizer.add_tokens([f"<r{i}>" for i in range(QWEN_7B["vocab_size"] - len(tokenizer))])
+    config = transformers.Qwen2Config(
+        **QWEN_7B, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.02)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    return folder
+
+
+def run_ours(model: Path, workdir: Path, args) -> list[dict]:
+    output = workdir / f"ours-{model.name}"
+    shutil.rmtree(output, ignore_errors=True)
+    command = [
+        sys.executable, "-m", "abliterate", "--model", str(model), "--output", str(output),
+        "--dtypes", "bfloat16", "--batch-size", str(args.batch_size), "--max-response-length", str(args.max_response_length),
+        "--n-trials", str(args.trials), "--n-startup-trials", str(args.trials), "--seed", "0",
+        "--system-prompt", SYSTEM_PROMPT, "--row-norm", "none", "--select", "none", "--reset", "gpu-cache",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
+    storage = f"sqlite:///{output / 'study.db'}"
+    study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+    rows = []
+    for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        seconds = trial.user_attrs["seconds"]
+        rows.append({**seconds, "total": trial.duration.total_seconds(), "refusal_count": trial.values[0]})
+    return rows
+
+
+def heretic_config(model: Path, args) -> str:
+    prompt_sets = {
+        "good_prompts": "harmless_train", "bad_prompts": "harmful_train",
+        "good_evaluation_prompts": "harmless_eval", "bad_evaluation_prompts": "harmful_eval",
+    }  # fmt: skip
+    lines = [
+        f'model = "{model}"', 'dtypes = ["bfloat16"]', 'device_map = "auto"',
+        f"batch_size = {args.batch_size}", f"max_response_length = {args.max_response_length}",
+        'response_prefix = ""', f"n_trials = {args.trials}", f"n_startup_trials = {args.trials}", "seed = 0",
+        'study_checkpoint_dir = "checkpoints"', f'system_prompt = "{SYSTEM_PROMPT}"', 'row_normalization = "none"',
+        f"refusal_markers = {json.dumps(default_refusal_markers())}",
+    ]  # fmt: skip
+    for table, file in prompt_sets.items():
+        lines += ["", f"[{table}]", f'dataset = "{PROMPTS / (file + ".txt")}"']
+    return "\n".join(lines) + "\n"
+
+
+def run_heretic(model: Path, workdir: Path, args) -> list[dict]:
+    folder = workdir / f"heretic-{model.name}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / "config.toml").write_text(heretic_config(model, args))
+    timings = folder / "timings.jsonl"
+    wrapper = Path(__file__).with_name("heretic_timed.py")
+    subprocess.run(
+        [sys.executable, str(wrapper), str(timings)], check=True, cwd=folder, stdin=subprocess.DEVNULL
+    )
+    phases: dict[int, dict[str, float]] = {}
+    for line in timings.read_text().splitlines():
+        record = json.loads(line)
+        if record["trial"] > 0:  # calls before the first reset belong to the baseline
+            entry = phases.setdefault(record["trial"], {})
+            entry[record["phase"]] = entry.get(record["phase"], 0.0) + record["s"]
+    (journal,) = (folder / "checkpoints").glob("*.jsonl")
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    study = optuna.load_study(study_name="heretic", storage=storage)
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    rows = []
+    for index, trial in enumerate(trials, start=1):
+        timed = phases.get(index, {})
+        rows.append({
+            "reset": timed.get("reset", 0.0), "edit": timed.get("edit", 0.0), "kl": timed.get("kl_logprobs", 0.0),
+            "refusals": timed.get("refusals", 0.0), "total": trial.duration.total_seconds(),
+            "refusal_count": trial.values[1] if len(trial.values) > 1 else None,
+        })  # fmt: skip
+    return rows
+
+
+def summary(rows: list[dict], skip_first: bool) -> dict[str, float]:
+    rows = rows[1:] if skip_first and len(rows) > 1 else rows  # the first trial also warms up kernels
+    return {
+        key: statistics.median(row[key] for row in rows)
+        for key in ("reset", "edit", "refusals", "kl", "total")
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
+    parser.add_argument("--models", default="demo,7b")
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-response-length", type=int, default=64)
+    parser.add_argument("--tools", default="ours,heretic")
+    args = parser.parse_args()
+    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # heretic's default, for both
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[variable] = "1"
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print(
+        f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, torch {torch.__version__}, transformers {transformers.__version__}"
+    )
+    print(f"settings: {args.trials} trials, batch {args.batch_size}, {args.max_response_length} new tokens, bf16, "
+          "400+400 train / 100+100 eval prompts")  # fmt: skip
+    results = {}
+    for name in args.models.split(","):
+        model = prepare_model(name, args.workdir)
+        for tool in args.tools.split(","):
+            rows = (
+                run_ours(model, args.workdir, args)
+                if tool == "ours"
+                else run_heretic(model, args.workdir, args)
+            )
+            results[(name, tool)] = summary(rows, skip_first=True)
+            print(json.dumps({"model": name, "tool": tool, "trials": rows}), flush=True)
+    print("\nmedian per trial (first trial excluded), seconds:")
+    print("| model | tool | reset | edit | refusal generation | KL | trial total | heretic / ours |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (name, tool), row in results.items():
+        ours = results.get((name, "ours"))
+        ratio = f"{row['total'] / ours['total']:.2f}x" if ours and tool == "heretic" else ""
+        print(f"| {name} | {tool} | {row['reset']:.4f} | {row['edit']:.4f} | {row['refusals']:.3f} | {row['kl']:.3f} | "
+              f"{row['total']:.3f} | {ratio} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
