@@ -272,10 +272,9 @@ def _load_tokenizer(source: str, trust_remote_code: bool, chat_template: Path | 
         )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
-        # Left padding is masked out, so any token will do; prefer one the model knows as a boundary.
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        if tokenizer.pad_token is None:
-            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        # Left padding is masked out, so any token the embedding knows will do: the end of
+        # sequence, else the unknown token, else id 0.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
     return tokenizer
 
 

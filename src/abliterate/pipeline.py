@@ -29,15 +29,14 @@ from rich.progress import (
 from rich.table import Table
 
 from abliterate import workers
-from abliterate.ablation import ablate_
-from abliterate.components import EditableModel, find_components
+from abliterate.components import COMPONENTS, EditableModel, find_components
 from abliterate.directions import capture_residuals, refusal_directions
 from abliterate.errors import UserError
 from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers
 from abliterate.export import ModelCard, clean_partials, prepare_output, save_model
 from abliterate.model import DEMO_MODEL_NAME, ChatModel, load_chat_model, model_name
 from abliterate.prompts import load_prompts
-from abliterate.reset import AdapterEditor, Editor, choose_strategy, describe, make_editor
+from abliterate.reset import AdapterEditor, Edit, Editor, apply_edit, choose_strategy, describe, make_editor
 from abliterate.settings import Settings
 from abliterate.study import (
     Objective,
@@ -271,15 +270,13 @@ def _ask(front) -> str:
         print(f"not one of the trials above: {answer}")
 
 
+def trial_edits(session: Session, trial) -> list[Edit]:
+    return edits_from_params(trial.params, session.directions, COMPONENTS, session.settings.direction_scope)
+
+
 def apply_trial(session: Session, trial) -> None:
     session.editor.reset()
-    edits = edits_from_params(
-        trial.params,
-        session.directions,
-        SearchSpace(session.editable.num_layers).components,
-        session.settings.direction_scope,
-    )
-    session.editor.apply(edits, session.settings.row_norm)
+    session.editor.apply(trial_edits(session, trial), session.settings.row_norm)
 
 
 def export(session: Session, trial, command: str) -> Path:
@@ -307,17 +304,11 @@ def _export_merged(session: Session, trial, card: ModelCard) -> Path:
     if session.model.folder is None:
         raise UserError("saving an adapter run needs the model's files on disk")
     full = transformers.AutoModelForCausalLM.from_pretrained(
-        session.model.folder, dtype=torch.bfloat16, device_map="cpu"
+        session.model.folder, dtype="auto", device_map="cpu"
     )
     editable = find_components(full)
-    for edit in edits_from_params(
-        trial.params,
-        session.directions,
-        SearchSpace(editable.num_layers).components,
-        session.settings.direction_scope,
-    ):
-        for matrix in editable.components[edit.layer].get(edit.component, []):
-            ablate_(matrix.view(), edit.direction, edit.weight, session.settings.row_norm)
+    for edit in trial_edits(session, trial):
+        apply_edit(editable, edit, session.settings.row_norm)
     return save_model(full, session.model.tokenizer, session.output, card)
 
 

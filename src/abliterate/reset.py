@@ -49,6 +49,12 @@ class Edit:
     weight: float
 
 
+def apply_edit(editable: EditableModel, edit: Edit, row_norm: str = "none") -> None:
+    """Write one edit into the weights of one component of one layer, in place."""
+    for matrix in editable.components[edit.layer].get(edit.component, []):
+        ablate_(matrix.view(), edit.direction, edit.weight, row_norm)
+
+
 # -- restorers ---------------------------------------------------------------------------------
 
 
@@ -190,11 +196,9 @@ class InPlaceEditor(Editor):
 
     def apply(self, edits: Iterable[Edit], row_norm: str = "none") -> None:
         for edit in edits:
-            matrices = self.editable.components[edit.layer].get(edit.component, [])
             # Mark before writing: an edit that fails half-way must still be restored.
             self.touched.add((edit.layer, edit.component))
-            for matrix in matrices:
-                ablate_(matrix.view(), edit.direction, edit.weight, row_norm)
+            apply_edit(self.editable, edit, row_norm)
 
     def reset(self) -> None:
         self.restorer.restore(sorted(self.touched))

@@ -1,0 +1,92 @@
+"""The pipeline on tiny models: saving, the adapter merge, tokenizers without a pad token."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+from safetensors.torch import load_file
+
+from abliterate.cli import main
+from abliterate.model import load_chat_model
+
+FAST = [
+    "--harmful-train-split", "train[:8]", "--harmless-train-split", "train[:8]",
+    "--harmful-eval-split", "eval[:4]", "--harmless-eval-split", "eval[:4]",
+    "--max-response-length", "4", "--n-startup-trials", "2", "--n-trials", "2",
+]  # fmt: skip
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def saved_tensors(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(output / "model" / "model.safetensors")
+
+
+def test_adapter_run_saves_the_same_weights_as_an_in_place_run(model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for reset in ("adapter", "gpu-cache"):
+        argv = [
+            "--model",
+            str(model),
+            *FAST,
+            "--reset",
+            reset,
+            "--select",
+            "trial:1",
+            "--output",
+            str(tmp_path / reset),
+        ]
+        assert main(argv) == 0
+    merged, in_place = saved_tensors(tmp_path / "adapter"), saved_tensors(tmp_path / "gpu-cache")
+    assert merged.keys() == in_place.keys()
+    for name in merged:
+        assert torch.equal(merged[name], in_place[name]), name
+    original = load_file(model / "model.safetensors")
+    assert any(not torch.equal(original[name], merged[name]) for name in original)
+
+
+def test_saved_model_card_and_metadata(model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--model", str(model), *FAST, "--select", "min-kl", "--output", str(tmp_path / "o")]) == 0
+    metadata = json.loads((tmp_path / "o" / "model" / "abliterate.json").read_text())
+    card = (tmp_path / "o" / "model" / "README.md").read_text()
+    assert metadata["source_model"] == str(model)
+    assert f"trial {metadata['trial']}" in card and "## Command" in card
+    assert (tmp_path / "o" / ".abliterate").is_file() and (tmp_path / "o" / "study.db").is_file()
+
+
+def test_rerun_with_more_trials_continues_the_study(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", str(model), *FAST, "--select", "none", "--output", str(tmp_path / "o")]
+    assert main(argv) == 0
+    assert main([*argv, "--n-trials", "3"]) == 0
+    assert "resuming study 'tiny': 2 of 3 trials finished" in capsys.readouterr().err
+
+
+def test_a_tokenizer_without_pad_token_pads_with_end_of_sequence(model):
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("pad_token", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    chat = load_chat_model(str(model), dtypes=["float32"], device_map="cpu")
+    assert chat.tokenizer.pad_token == chat.tokenizer.eos_token
+    assert chat.tokenizer.padding_side == "left"
+
+
+def test_chat_reads_lines_until_end_of_input(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hello there\nwrite a poem\n"))
+    assert (
+        main(["--model", str(model), *FAST, "--select", "knee", "--chat", "--output", str(tmp_path / "o")])
+        == 0
+    )
+    assert capsys.readouterr().out.count("\n") >= 2  # one reply a line
