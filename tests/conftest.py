@@ -7,7 +7,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
 import functools
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -135,14 +134,13 @@ def architecture(request) -> str:
     return request.param
 
 
-@pytest.fixture
-def model_folder(tmp_path: Path) -> Callable[..., Path]:
-    """Save a tiny model (+ tokenizer) of an architecture into a folder and return its path."""
+def save_tiny_model(folder: Path, architecture: str = "llama") -> Path:
+    tiny_model(architecture).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
 
-    def make(architecture: str = "llama", seed: int = 0) -> Path:
-        folder = tmp_path / f"{architecture}-{seed}"
-        tiny_model(architecture, seed).save_pretrained(folder)
-        tiny_tokenizer().save_pretrained(folder)
-        return folder
 
-    return make
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory) -> Path:
+    """A tiny Llama with its tokenizer on disk, shared by the tests that only read it."""
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")

@@ -159,12 +159,9 @@ CASES = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def shared_model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("models") / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+@pytest.fixture
+def shared_model(tiny_model_folder: Path) -> Path:
+    return tiny_model_folder
 
 
 def test_there_are_at_least_twenty_cases():

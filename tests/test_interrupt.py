@@ -11,7 +11,6 @@ from pathlib import Path
 import optuna
 import pytest
 import transformers
-from conftest import tiny_model, tiny_tokenizer
 from optuna.trial import TrialState
 
 pytestmark = pytest.mark.slow
@@ -19,12 +18,9 @@ pytestmark = pytest.mark.slow
 N_TRIALS = 10
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("models") / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+@pytest.fixture
+def model(tiny_model_folder: Path) -> Path:
+    return tiny_model_folder
 
 
 def command(model: Path, output: Path) -> list[str]:

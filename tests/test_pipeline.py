@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import save_tiny_model
 from safetensors.torch import load_file
 
 from abliterate.cli import main
@@ -22,10 +22,7 @@ FAST = [
 
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
-    folder = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path / "tiny")  # a copy of its own: one test edits its tokenizer
 
 
 def saved_tensors(output: Path) -> dict[str, torch.Tensor]:

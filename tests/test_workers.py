@@ -12,7 +12,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import tiny_model, tiny_tokenizer
 from optuna.trial import TrialState
 
 from abliterate.cli import main
@@ -23,12 +22,9 @@ N_TRIALS = 12
 POSTGRES = os.environ.get("ABLITERATE_TEST_POSTGRES_URL")
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("models") / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+@pytest.fixture
+def model(tiny_model_folder: Path) -> Path:
+    return tiny_model_folder
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
