@@ -87,3 +87,25 @@ def test_chat_reads_lines_until_end_of_input(model, tmp_path, monkeypatch, capsy
         == 0
     )
     assert capsys.readouterr().out.count("\n") >= 2  # one reply a line
+
+
+def test_a_chat_template_file_stands_in_for_a_missing_one(model, tmp_path):
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "chat_template.jinja").rename(tmp_path / "template.jinja")
+    chat = load_chat_model(
+        str(model), dtypes=["float32"], device_map="cpu", chat_template=tmp_path / "template.jinja"
+    )
+    assert chat.format("hello").endswith("<|assistant|>")
+
+
+def test_on_a_terminal_the_user_picks_the_trial(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    answers = ["no-such-trial", "min-kl"]
+    monkeypatch.setattr("builtins.input", lambda prompt="": answers.pop(0))
+    assert main(["--model", str(model), *FAST, "--output", str(tmp_path / "o")]) == 0
+    assert answers == []  # the first answer was refused, the second taken
+    assert "not one of the trials above: no-such-trial" in capsys.readouterr().out
+    assert (tmp_path / "o" / "model" / "abliterate.json").is_file()

@@ -248,3 +248,16 @@ def test_adapter_refuses_full_row_norm():
 
 def test_moe_architectures_are_covered():
     assert {"qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss", "listed_experts"} <= set(MOE_ARCHITECTURES)
+
+
+def test_disk_restore_reads_a_sharded_checkpoint(tmp_path):
+    model = tiny_model("qwen2_moe")
+    folder = tmp_path / "sharded"
+    model.save_pretrained(folder, max_shard_size="40KB")
+    assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("*.safetensors"))) > 2
+    editable = find_components(model)
+    original = snapshot(model)
+    editor = make_editor("disk", model, editable, folder)
+    editor.apply(random_edits(editable.num_layers, editable.hidden_size, random.Random(4)))
+    editor.reset()
+    assert_identical(model, original)
