@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
+import copy
 import functools
 from pathlib import Path
 
@@ -67,8 +68,13 @@ ARCHITECTURES = {
 MOE_ARCHITECTURES = ("qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss", "listed_experts")
 
 
-@functools.cache
 def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A fresh copy each call: tests may change their tokenizer."""
+    return copy.deepcopy(_trained_tokenizer())
+
+
+@functools.cache
+def _trained_tokenizer() -> transformers.PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(unk_token="<|unk|>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     special = ["<|pad|>", "<|unk|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_model
+from conftest import save_tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
 from abliterate.cli import main
-from abliterate.model import load_chat_model
+from abliterate.model import left_pad, load_chat_model
 
 FAST = [
     "--harmful-train-split", "train[:8]", "--harmless-train-split", "train[:8]",
@@ -70,13 +70,14 @@ def test_rerun_with_more_trials_continues_the_study(model, tmp_path, monkeypatch
     assert "resuming study 'tiny': 2 of 3 trials finished" in capsys.readouterr().err
 
 
-def test_a_tokenizer_without_pad_token_pads_with_end_of_sequence(model):
-    config = json.loads((model / "tokenizer_config.json").read_text())
-    config.pop("pad_token", None)
-    (model / "tokenizer_config.json").write_text(json.dumps(config))
-    chat = load_chat_model(str(model), dtypes=["float32"], device_map="cpu")
-    assert chat.tokenizer.pad_token == chat.tokenizer.eos_token
-    assert chat.tokenizer.padding_side == "left"
+def test_a_tokenizer_without_pad_token_pads_with_end_of_sequence():
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = None
+    left_pad(tokenizer)
+    assert tokenizer.pad_token == tokenizer.eos_token and tokenizer.padding_side == "left"
+    tokenizer.pad_token = tokenizer.eos_token = None
+    left_pad(tokenizer)
+    assert tokenizer.pad_token == tokenizer.unk_token
 
 
 def test_chat_reads_lines_until_end_of_input(model, tmp_path, monkeypatch, capsys):

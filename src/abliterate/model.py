@@ -270,12 +270,17 @@ def _load_tokenizer(source: str, trust_remote_code: bool, chat_template: Path | 
         raise UserError(
             f"the tokenizer of {source!r} has no chat template; pass one with --chat-template FILE (Jinja)"
         )
+    left_pad(tokenizer)
+    return tokenizer
+
+
+def left_pad(tokenizer) -> None:
+    """Pad on the left, so every prompt ends at the last position, where generation starts."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
-        # Left padding is masked out, so any token the embedding knows will do: the end of
-        # sequence, else the unknown token, else id 0.
+        # Padding is masked out, so any token the embedding knows will do: the end of sequence,
+        # else the unknown token, else id 0.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
-    return tokenizer
 
 
 def _hub_snapshot(source: str) -> Path | None:
