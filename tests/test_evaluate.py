@@ -107,3 +107,13 @@ def test_out_of_memory_with_one_prompt_is_a_clear_error():
 
     with pytest.raises(UserError, match="out of memory even with a batch of one prompt"):
         in_halves_on_oom(always, {"input_ids": torch.ones(4, 3)})
+
+
+def test_every_evaluated_prompt_is_reported_for_the_progress_bar():
+    model = tiny_chat_model()
+    evaluator = Evaluator(model, ["a", "b", "c"], ["d", "e"], RefusalDetector(["sorry"]), 2, 3)
+    seen = []
+    evaluator.on_batch = seen.append
+    evaluator.kl()
+    evaluator.count_refusals()
+    assert sum(seen) == evaluator.prompt_count == 5

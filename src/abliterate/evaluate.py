@@ -75,6 +75,8 @@ class Evaluator:
         self.max_response_length = max_response_length
         self.harmful_batches = model.encode(harmful_prompts, batch_size)
         self.harmless_batches = model.encode(harmless_prompts, batch_size)
+        self.prompt_count = len(harmful_prompts) + len(harmless_prompts)
+        self.on_batch: Callable[[int], None] | None = None  # told the prompts of each finished batch
         self.reference_logprobs = self._logprobs()
         if not torch.isfinite(self.reference_logprobs).all():
             raise UserError("the original model produces NaN or inf log-probabilities; try another --dtypes")
@@ -87,6 +89,7 @@ class Evaluator:
             responses += in_halves_on_oom(
                 lambda b: self.model.generate(b, self.max_response_length, finished), batch
             )
+            self._batch_done(batch)
         return responses
 
     def count_refusals(self, stop_early: bool = True) -> int:
@@ -100,8 +103,15 @@ class Evaluator:
         return divergence
 
     def _logprobs(self) -> torch.Tensor:
-        parts = [in_halves_on_oom(self.model.next_token_logprobs, batch) for batch in self.harmless_batches]
+        parts = []
+        for batch in self.harmless_batches:
+            parts.append(in_halves_on_oom(self.model.next_token_logprobs, batch))
+            self._batch_done(batch)
         return torch.cat(parts)
+
+    def _batch_done(self, batch: Batch) -> None:
+        if self.on_batch is not None:
+            self.on_batch(len(batch["input_ids"]))
 
 
 def in_halves_on_oom(run: Callable[[Batch], R], batch: Batch) -> R:

@@ -218,7 +218,7 @@ def search(session: Session, console: Console, label: str = "") -> None:
 
     def report(trial: optuna.Trial, scores) -> None:
         console.print(
-            f"trial {trial.number:>4}: refusals {scores.refusals:>3}/{eval_prompts}, KL {scores.kl:.4f}"
+            f"{label}trial {trial.number:>4}: refusals {scores.refusals:>3}/{eval_prompts}, KL {scores.kl:.4f}"
         )
 
     objective = Objective(
@@ -226,13 +226,20 @@ def search(session: Session, console: Console, label: str = "") -> None:
     )
     with _progress(console) as progress:
         task = progress.add_task("study", total=settings.n_trials, completed=min(done, settings.n_trials))
+        # One trial: the harmless prompts' forward pass, then the harmful prompts' generation.
+        trial_task = progress.add_task("trial", total=session.evaluator.prompt_count)
+        session.evaluator.on_batch = lambda prompts: progress.advance(trial_task, prompts)
 
         def advance(study: optuna.Study, trial) -> None:
             if trial.state == optuna.trial.TrialState.FAIL and "fail_reason" in trial.user_attrs:
                 console.print(f"{label}trial {trial.number:>4}: failed, {trial.user_attrs['fail_reason']}")
             progress.update(task, completed=min(len(finished_trials(study)), settings.n_trials))
+            progress.reset(trial_task)
 
-        run_study(session.study, objective, settings.n_trials, callbacks=[advance])
+        try:
+            run_study(session.study, objective, settings.n_trials, callbacks=[advance])
+        finally:
+            session.evaluator.on_batch = None
 
 
 def choose(session: Session, console: Console):
