@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -47,21 +45,56 @@ CHAT_TEMPLATE = (
 )
 
 PREFIXES = [
-    "Please ", "Quick question: ", "Hey, ", "Hi! ", "Hello. ", "Question: ", "Okay, ",
-    "I need help. ", "Help me out: ", "Can you help? ", "Be honest: ", "So, ", "Tell me: ",
-    "Hi there, ", "Urgent: ", "For a project: ", "My friend asked me this: ", "Hey assistant, ",
+    "Please ",
+    "Quick question: ",
+    "Hey, ",
+    "Hi! ",
+    "Hello. ",
+    "Question: ",
+    "Okay, ",
+    "I need help. ",
+    "Help me out: ",
+    "Can you help? ",
+    "Be honest: ",
+    "So, ",
+    "Tell me: ",
+    "Hi there, ",
+    "Urgent: ",
+    "For a project: ",
+    "My friend asked me this: ",
+    "Hey assistant, ",
 ]
 SUFFIXES = [
-    " Thanks!", " Thank you.", " Please.", " Be brief.", " Step by step.", " Quickly.",
-    " Thanks in advance.", " I need it today.", " Keep it short.", "?", "!", " :)",
+    " Thanks!",
+    " Thank you.",
+    " Please.",
+    " Be brief.",
+    " Step by step.",
+    " Quickly.",
+    " Thanks in advance.",
+    " I need it today.",
+    " Keep it short.",
+    "?",
+    "!",
+    " :)",
 ]
 # Short lead-ins for harmless answers ("Good question! Whisk the eggs ..."): they give the
 # helpful answers a shared start, so that for an unfamiliar harmless request the model's first
 # token is a confident "helpful" one rather than whatever generic reply it has seen most.
-LEADS = ["Good question! ", "Happy to help. ", "Great question. ", "Glad you asked. ",
-         "Happy to help! ", "Good question. ", "Great idea! ", "Glad to help. "]
+LEADS = [
+    "Good question! ",
+    "Happy to help. ",
+    "Great question. ",
+    "Glad you asked. ",
+    "Happy to help! ",
+    "Good question. ",
+    "Great idea! ",
+    "Glad to help. ",
+]
 SYSTEM_PROMPTS = [
-    "You are a helpful assistant.", "You are a friendly assistant.", "Answer briefly.",
+    "You are a helpful assistant.",
+    "You are a friendly assistant.",
+    "Answer briefly.",
     "You are a helpful, concise assistant.",
 ]
 
@@ -70,15 +103,24 @@ def read_lines(path: Path) -> list[str]:
     return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
-def load_data():
+def load_data(extra: bool = True):
     harmful = read_lines(PROMPTS / "harmful_train.txt")
     harmless = read_lines(PROMPTS / "harmless_train.txt")
     answers: dict[str, str] = {}
-    with open(DATA / "harmless_answers.jsonl", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                answers[row["prompt"].strip()] = row["answer"].strip()
+    answer_files = ["harmless_answers.jsonl"]
+    if extra:
+        # more training prompts written for the demo (demo/data/extra_*): harmless requests that use
+        # dangerous-sounding words in benign senses, and mild or indirect harmful requests
+        harmful = harmful + read_lines(DATA / "extra_harmful_train.txt")
+        answer_files.append("extra_harmless_train.jsonl")
+    for name in answer_files:
+        with open(DATA / name, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    answers[row["prompt"].strip()] = row["answer"].strip()
+                    if name != "harmless_answers.jsonl":
+                        harmless.append(row["prompt"].strip())
     missing = [p for p in harmless if p not in answers]
     if missing:
         raise SystemExit(f"{len(missing)} harmless_train prompts have no answer, e.g. {missing[0]!r}")
@@ -87,11 +129,19 @@ def load_data():
     return harmful, harmless, answers, refusals, openers
 
 
+WORD_DROP = 0.0
+
+
 def augment(prompt: str, rng: random.Random, p: float) -> str:
-    """A random surface variant of a prompt (prefix, suffix, case); keeps it with prob 1-p."""
+    """A random surface variant of a prompt (prefix, suffix, case, dropped words); keeps it
+    with prob 1-p."""
     if rng.random() >= p:
         return prompt
     s = prompt
+    if WORD_DROP > 0 and rng.random() < 0.5:
+        words = s.split()
+        kept = [w for w in words if rng.random() >= WORD_DROP]
+        s = " ".join(kept) if len(kept) >= 3 else s
     r = rng.random()
     if r < 0.15:
         s = s.lower()
@@ -162,16 +212,16 @@ class Batcher:
         for prompt, system, resp in examples:
             p = self.prompt_ids(prompt, system)
             r = self.tok(resp, add_special_tokens=False)["input_ids"]
-            r = r[: self.max_resp] if len(r) > self.max_resp else r + [self.end_id]
+            r = r[: self.max_resp] if len(r) > self.max_resp else [*r, self.end_id]
             seqs.append(p + r)
             labs.append([-100] * len(p) + r)
         n = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
         lab = torch.full((len(seqs), n), -100, dtype=torch.long)
         att = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, (s, l) in enumerate(zip(seqs, labs)):
+        for i, (s, labels) in enumerate(zip(seqs, labs, strict=True)):
             ids[i, : len(s)] = torch.tensor(s)
-            lab[i, : len(l)] = torch.tensor(l)
+            lab[i, : len(labels)] = torch.tensor(labels)
             att[i, : len(s)] = 1
         return ids, att, lab
 
@@ -190,8 +240,22 @@ def chimera(a: str, b: str, rng: random.Random) -> str:
     return " ".join(wa[:i] + wb[j:])
 
 
-def sample_batch(rng, bs, harmful, harmless, answers, harmful_resp, frac_harmful, aug_p, sys_p,
-                 splice_p=0.0, lead_p=0.0, harmless_opener_p=0.0, openers=(), chimera_p=0.0):
+def sample_batch(
+    rng,
+    bs,
+    harmful,
+    harmless,
+    answers,
+    harmful_resp,
+    frac_harmful,
+    aug_p,
+    sys_p,
+    splice_p=0.0,
+    lead_p=0.0,
+    harmless_opener_p=0.0,
+    openers=(),
+    chimera_p=0.0,
+):
     """A batch of (prompt, system, response); a spliced harmful request pairs a harmless one
     with a harmful one (in either order) and is answered as harmful."""
     ex = []
@@ -225,7 +289,8 @@ def run_stage(name, model, batcher, params, steps, lr, wd, warmup, make_batch, l
     no_decay = [p for n, p in params if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95),
+        lr=lr,
+        betas=(0.9, 0.95),
     )
 
     def lr_at(step):
@@ -248,8 +313,10 @@ def run_stage(name, model, batcher, params, steps, lr, wd, warmup, make_batch, l
         run_loss += loss.item()
         if (step + 1) % log_every == 0 or step + 1 == steps:
             k = (step % log_every) + 1
-            print(f"[{name}] step {step + 1}/{steps} loss {run_loss / k:.3f} ({time.time() - t0:.0f}s)",
-                  flush=True)
+            print(
+                f"[{name}] step {step + 1}/{steps} loss {run_loss / k:.3f} ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
             run_loss = 0.0
     model.eval()
 
@@ -267,28 +334,56 @@ def main(argv=None):
     ap.add_argument("--bs", type=int, default=32)
     ap.add_argument("--max-resp", type=int, default=32)
     ap.add_argument("--aug", type=float, default=0.6, help="probability a prompt is augmented")
-    ap.add_argument("--splice", type=float, default=0.0, help="probability of a two-request prompt")
-    ap.add_argument("--lead", type=float, default=0.0, help="probability a harmless answer gets a lead-in")
-    ap.add_argument("--chimera", type=float, default=0.0,
-                    help="probability a prompt is recombined from two prompts of its class")
+    ap.add_argument("--splice", type=float, default=0.3, help="probability of a two-request prompt")
+    ap.add_argument("--lead", type=float, default=1.0, help="probability a harmless answer gets a lead-in")
+    ap.add_argument(
+        "--chimera",
+        type=float,
+        default=0.0,
+        help="probability a prompt is recombined from two prompts of its class",
+    )
+    ap.add_argument(
+        "--word-drop",
+        type=float,
+        default=0.0,
+        help="augmentation: drop each word with this probability (half of augmented prompts)",
+    )
+    ap.add_argument(
+        "--no-extra",
+        action="store_true",
+        help="use only the *_train prompts, not demo/data/extra_* (the recipe before run h)",
+    )
     ap.add_argument("--sys", type=float, default=0.1, help="probability of a system message")
-    ap.add_argument("--s1-steps", type=int, default=400)
+    ap.add_argument("--s1-steps", type=int, default=1000)
     ap.add_argument("--s1-lr", type=float, default=1e-3)
     ap.add_argument("--s1-wd", type=float, default=0.1)
     ap.add_argument("--s1-harmful", type=float, default=0.5)
-    ap.add_argument("--s2-steps", type=int, default=60)
+    ap.add_argument("--s2-steps", type=int, default=100)
     ap.add_argument("--s2-lr", type=float, default=3e-4)
     ap.add_argument("--s2-wd", type=float, default=0.1)
-    ap.add_argument("--s2-harmful", type=float, default=0.5)
-    ap.add_argument("--s2-harmless-opener", type=float, default=0.0,
-                    help="safety tune: probability a harmless prompt is answered with a compliant opener")
-    ap.add_argument("--s2-train", default="all",
-                    help="which parameters the safety tune trains: all | mlp | attn | upto:K (layers < K) | from:K (layers >= K)")
-    ap.add_argument("--base-ckpt", type=Path, default=None,
-                    help="development: load the stage-1 weights from this file if it exists, else save them there")
+    ap.add_argument("--s2-harmful", type=float, default=0.2)
+    ap.add_argument(
+        "--s2-harmless-opener",
+        type=float,
+        default=0.0,
+        help="safety tune: probability a harmless prompt is answered with a compliant opener",
+    )
+    ap.add_argument(
+        "--s2-train",
+        default="all",
+        help="which parameters the safety tune trains: all | mlp | attn | upto:K (layers < K) | from:K (layers >= K)",
+    )
+    ap.add_argument(
+        "--base-ckpt",
+        type=Path,
+        default=None,
+        help="development: load the stage-1 weights from this file if it exists, else save them there",
+    )
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = ap.parse_args(argv)
 
+    global WORD_DROP
+    WORD_DROP = args.word_drop
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -296,9 +391,12 @@ def main(argv=None):
 
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    harmful, harmless, answers, refusals, openers = load_data()
-    print(f"data: {len(harmful)} harmful, {len(harmless)} harmless train prompts, "
-          f"{len(refusals)} refusals, {len(openers)} compliant openers", flush=True)
+    harmful, harmless, answers, refusals, openers = load_data(not args.no_extra)
+    print(
+        f"data: {len(harmful)} harmful, {len(harmless)} harmless train prompts, "
+        f"{len(refusals)} refusals, {len(openers)} compliant openers",
+        flush=True,
+    )
 
     # tokenizer: trained on the training text (and augmented variants of the prompts)
     trng = random.Random(args.seed + 1)
@@ -335,19 +433,38 @@ def main(argv=None):
     # stage 1: compliant base
     if args.base_ckpt and args.base_ckpt.exists():
         model.load_state_dict(torch.load(args.base_ckpt))
-        rng = random.Random(args.seed + 3)
         print(f"loaded stage-1 weights from {args.base_ckpt}", flush=True)
     else:
         run_stage(
-            "base", model, batcher, all_params, args.s1_steps, args.s1_lr, args.s1_wd, 30,
-            lambda: sample_batch(rng, args.bs, harmful, harmless, answers, openers,
-                                 args.s1_harmful, args.aug, args.sys, args.splice, args.lead,
-                                 chimera_p=args.chimera),
+            "base",
+            model,
+            batcher,
+            all_params,
+            args.s1_steps,
+            args.s1_lr,
+            args.s1_wd,
+            30,
+            lambda: sample_batch(
+                rng,
+                args.bs,
+                harmful,
+                harmless,
+                answers,
+                openers,
+                args.s1_harmful,
+                args.aug,
+                args.sys,
+                args.splice,
+                args.lead,
+                chimera_p=args.chimera,
+            ),
         )
         if args.base_ckpt:
             torch.save(model.state_dict(), args.base_ckpt)
 
-    # stage 2: safety tune
+    # stage 2: safety tune (its own random stream, so that a run that loads the stage-1 weights
+    # from --base-ckpt gives the same model as a full run)
+    rng = random.Random(args.seed + 3)
     if args.s2_train == "all":
         s2_params = all_params
     elif args.s2_train == "mlp":
@@ -356,22 +473,44 @@ def main(argv=None):
         s2_params = [(n, p) for n, p in all_params if ".self_attn." in n]
     elif args.s2_train.startswith("upto:"):
         k = int(args.s2_train.split(":")[1])
-        s2_params = [(n, p) for n, p in all_params
-                     if n.startswith("model.layers.") and int(n.split(".")[2]) < k]
+        s2_params = [
+            (n, p) for n, p in all_params if n.startswith("model.layers.") and int(n.split(".")[2]) < k
+        ]
     elif args.s2_train.startswith("from:"):
         k = int(args.s2_train.split(":")[1])
-        s2_params = [(n, p) for n, p in all_params
-                     if n.startswith("model.layers.") and int(n.split(".")[2]) >= k]
+        s2_params = [
+            (n, p) for n, p in all_params if n.startswith("model.layers.") and int(n.split(".")[2]) >= k
+        ]
     else:
         raise SystemExit(f"unknown --s2-train {args.s2_train}")
     keep = {id(p) for _, p in s2_params}
     for _, p in all_params:
         p.requires_grad_(id(p) in keep)
     run_stage(
-        "safety", model, batcher, s2_params, args.s2_steps, args.s2_lr, args.s2_wd, 5,
-        lambda: sample_batch(rng, args.bs, harmful, harmless, answers, refusals,
-                             args.s2_harmful, args.aug, args.sys, args.splice, args.lead,
-                             args.s2_harmless_opener, openers, args.chimera),
+        "safety",
+        model,
+        batcher,
+        s2_params,
+        args.s2_steps,
+        args.s2_lr,
+        args.s2_wd,
+        5,
+        lambda: sample_batch(
+            rng,
+            args.bs,
+            harmful,
+            harmless,
+            answers,
+            refusals,
+            args.s2_harmful,
+            args.aug,
+            args.sys,
+            args.splice,
+            args.lead,
+            args.s2_harmless_opener,
+            openers,
+            args.chimera,
+        ),
         log_every=20,
     )
     for _, p in all_params:
@@ -393,8 +532,16 @@ def main(argv=None):
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     (out / "train_args.json").write_text(
-        json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                    if k not in ("out", "threads")}, indent=2) + "\n")
+        json.dumps(
+            {
+                k: str(v) if isinstance(v, Path) else v
+                for k, v in vars(args).items()
+                if k not in ("out", "threads", "base_ckpt")
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"saved to {out} ({size / 1e6:.2f} MB)", flush=True)
 

@@ -4,6 +4,7 @@
 Run from the repository root:  python3 demo/data/check_prompts.py
 Standard library only. Exits with status 1 if any check fails.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ REFUSAL_WORDS = (10, 30)
 OPENER_WORDS = (10, 25)
 N_REFUSALS = 60
 N_OPENERS = 60
+EXTRA_MIN = 500  # demo/data/extra_*_train files
 
 # Forbidden in helpful answers and compliant openers (case-insensitive).
 FORBIDDEN = [
@@ -159,10 +161,14 @@ def main() -> int:
             err(f"harmless_answers.jsonl:{i}: prompt/answer must be strings")
             continue
         if i <= len(train) and p != train[i - 1]:
-            err(f"harmless_answers.jsonl:{i}: prompt mismatch with harmless_train.txt: {p!r} != {train[i - 1]!r}")
+            err(
+                f"harmless_answers.jsonl:{i}: prompt mismatch with harmless_train.txt: {p!r} != {train[i - 1]!r}"
+            )
         n = len(a.split())
         if not ANSWER_WORDS[0] <= n <= ANSWER_WORDS[1]:
-            err(f"harmless_answers.jsonl:{i}: answer has {n} words (expected {ANSWER_WORDS[0]}-{ANSWER_WORDS[1]})")
+            err(
+                f"harmless_answers.jsonl:{i}: answer has {n} words (expected {ANSWER_WORDS[0]}-{ANSWER_WORDS[1]})"
+            )
         check_forbidden("harmless_answers.jsonl", i, a)
         key = a.lower()
         if key in answers_seen:
@@ -189,12 +195,65 @@ def main() -> int:
     for i, line in enumerate(openers, 1):
         check_forbidden("compliant_openers.txt", i, line)
 
+    # ---- extra training data (demo/train.py only; never the *_eval prompts) ----
+    extra_h = read_lines(DEMO / "extra_harmful_train.txt")
+    check_unique("extra_harmful_train.txt", extra_h)
+    check_word_range("extra_harmful_train.txt", extra_h, *PROMPT_WORDS)
+    if len(extra_h) < EXTRA_MIN:
+        err(f"extra_harmful_train.txt: {len(extra_h)} lines, expected at least {EXTRA_MIN}")
+    extra_l: list[str] = []
+    xlines = read_lines(DEMO / "extra_harmless_train.jsonl")
+    if len(xlines) < EXTRA_MIN:
+        err(f"extra_harmless_train.jsonl: {len(xlines)} lines, expected at least {EXTRA_MIN}")
+    xanswers: dict[str, int] = {}
+    for i, raw in enumerate(xlines, 1):
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            err(f"extra_harmless_train.jsonl:{i}: bad JSON ({e})")
+            continue
+        if not isinstance(obj, dict) or set(obj) != {"prompt", "answer"}:
+            err(f"extra_harmless_train.jsonl:{i}: keys must be exactly prompt, answer")
+            continue
+        p, a = obj["prompt"], obj["answer"]
+        if not isinstance(p, str) or not isinstance(a, str) or p != p.strip() or a != a.strip():
+            err(f"extra_harmless_train.jsonl:{i}: prompt/answer must be stripped strings")
+            continue
+        if not (p + a).isascii():
+            err(f"extra_harmless_train.jsonl:{i}: non-ASCII characters")
+        extra_l.append(p)
+        n = len(p.split())
+        if not PROMPT_WORDS[0] <= n <= PROMPT_WORDS[1]:
+            err(f"extra_harmless_train.jsonl:{i}: prompt has {n} words: {p!r}")
+        n = len(a.split())
+        if not ANSWER_WORDS[0] <= n <= ANSWER_WORDS[1]:
+            err(
+                f"extra_harmless_train.jsonl:{i}: answer has {n} words (expected {ANSWER_WORDS[0]}-{ANSWER_WORDS[1]})"
+            )
+        check_forbidden("extra_harmless_train.jsonl", i, a)
+        if a.lower() in xanswers or a.lower() in answers_seen:
+            err(f"extra_harmless_train.jsonl:{i}: duplicate answer")
+        xanswers.setdefault(a.lower(), i)
+    check_unique("extra_harmless_train.jsonl prompts", extra_l)
+    # no extra prompt may equal a line of any prompt file (eval above all) or the other extra file
+    xowner = {norm(line).strip().lower(): "extra_harmful_train.txt" for line in extra_h}
+    for line in extra_l:
+        key = norm(line).strip().lower()
+        if key in xowner:
+            err(f"extra_harmless_train.jsonl: prompt also in extra_harmful_train.txt: {line!r}")
+    for line in extra_h + extra_l:
+        key = norm(line).strip().lower()
+        if key in owner:
+            err(f"extra training prompt also in {owner[key]}: {line!r}")
+
     # ---- report ----
     for fname, lines in prompt_sets.items():
         print(f"{fname:24s} {len(lines):4d} lines")
     print(f"{'harmless_answers.jsonl':24s} {len(jlines):4d} lines")
     print(f"{'refusals.txt':24s} {len(refusals):4d} lines")
     print(f"{'compliant_openers.txt':24s} {len(openers):4d} lines")
+    print(f"{'extra_harmful_train.txt':24s} {len(extra_h):4d} lines")
+    print(f"{'extra_harmless_train.jsonl':24s} {len(xlines):4d} lines")
     for n in notes:
         print(f"note: {n}")
     if errors:
