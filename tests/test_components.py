@@ -32,9 +32,8 @@ def test_matrices_write_the_residual_stream(architecture):
         assert matrix.name in dict(model.named_parameters())
 
 
+@pytest.mark.parametrize("architecture", MOE_ARCHITECTURES)
 def test_moe_layers_edit_every_expert(architecture):
-    if architecture not in MOE_ARCHITECTURES:
-        pytest.skip("dense architecture")
     model = tiny_model(architecture)
     mlp = find_components(model).components[0]["mlp"]
     experts = sum(matrix.parameter.shape[0] if matrix.parameter.dim() == 3 else 1 for matrix in mlp)
