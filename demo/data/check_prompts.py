@@ -115,6 +115,31 @@ def check_forbidden(name: str, i: int, text: str) -> None:
             err(f"{name}:{i}: forbidden word {m.group(0)!r}: {text!r}")
 
 
+def answer_records(fname: str, lines: list[str]):
+    """Yield (line number, prompt, answer) for each well-formed JSONL line; report the others.
+
+    Every answer is also checked for length and refusal words here.
+    """
+    for i, raw in enumerate(lines, 1):
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            err(f"{fname}:{i}: bad JSON ({e})")
+            continue
+        if not isinstance(obj, dict) or set(obj) != {"prompt", "answer"}:
+            err(f"{fname}:{i}: keys must be exactly prompt, answer")
+            continue
+        p, a = obj["prompt"], obj["answer"]
+        if not isinstance(p, str) or not isinstance(a, str):
+            err(f"{fname}:{i}: prompt/answer must be strings")
+            continue
+        n = len(a.split())
+        if not ANSWER_WORDS[0] <= n <= ANSWER_WORDS[1]:
+            err(f"{fname}:{i}: answer has {n} words (expected {ANSWER_WORDS[0]}-{ANSWER_WORDS[1]})")
+        check_forbidden(fname, i, a)
+        yield i, p, a
+
+
 def main() -> int:
     # ---- prompt files ----
     prompt_sets: dict[str, list[str]] = {}
@@ -147,29 +172,11 @@ def main() -> int:
     if len(jlines) != len(train):
         err(f"harmless_answers.jsonl: {len(jlines)} lines, harmless_train.txt has {len(train)}")
     answers_seen: dict[str, int] = {}
-    for i, raw in enumerate(jlines, 1):
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            err(f"harmless_answers.jsonl:{i}: bad JSON ({e})")
-            continue
-        if not isinstance(obj, dict) or set(obj) != {"prompt", "answer"}:
-            err(f"harmless_answers.jsonl:{i}: keys must be exactly prompt, answer")
-            continue
-        p, a = obj["prompt"], obj["answer"]
-        if not isinstance(p, str) or not isinstance(a, str):
-            err(f"harmless_answers.jsonl:{i}: prompt/answer must be strings")
-            continue
+    for i, p, a in answer_records("harmless_answers.jsonl", jlines):
         if i <= len(train) and p != train[i - 1]:
             err(
                 f"harmless_answers.jsonl:{i}: prompt mismatch with harmless_train.txt: {p!r} != {train[i - 1]!r}"
             )
-        n = len(a.split())
-        if not ANSWER_WORDS[0] <= n <= ANSWER_WORDS[1]:
-            err(
-                f"harmless_answers.jsonl:{i}: answer has {n} words (expected {ANSWER_WORDS[0]}-{ANSWER_WORDS[1]})"
-            )
-        check_forbidden("harmless_answers.jsonl", i, a)
         key = a.lower()
         if key in answers_seen:
             err(f"harmless_answers.jsonl:{i}: duplicate answer of line {answers_seen[key]}")
@@ -206,17 +213,8 @@ def main() -> int:
     if len(xlines) < EXTRA_MIN:
         err(f"extra_harmless_train.jsonl: {len(xlines)} lines, expected at least {EXTRA_MIN}")
     xanswers: dict[str, int] = {}
-    for i, raw in enumerate(xlines, 1):
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            err(f"extra_harmless_train.jsonl:{i}: bad JSON ({e})")
-            continue
-        if not isinstance(obj, dict) or set(obj) != {"prompt", "answer"}:
-            err(f"extra_harmless_train.jsonl:{i}: keys must be exactly prompt, answer")
-            continue
-        p, a = obj["prompt"], obj["answer"]
-        if not isinstance(p, str) or not isinstance(a, str) or p != p.strip() or a != a.strip():
+    for i, p, a in answer_records("extra_harmless_train.jsonl", xlines):
+        if p != p.strip() or a != a.strip():
             err(f"extra_harmless_train.jsonl:{i}: prompt/answer must be stripped strings")
             continue
         if not (p + a).isascii():
@@ -225,12 +223,6 @@ def main() -> int:
         n = len(p.split())
         if not PROMPT_WORDS[0] <= n <= PROMPT_WORDS[1]:
             err(f"extra_harmless_train.jsonl:{i}: prompt has {n} words: {p!r}")
-        n = len(a.split())
-        if not ANSWER_WORDS[0] <= n <= ANSWER_WORDS[1]:
-            err(
-                f"extra_harmless_train.jsonl:{i}: answer has {n} words (expected {ANSWER_WORDS[0]}-{ANSWER_WORDS[1]})"
-            )
-        check_forbidden("extra_harmless_train.jsonl", i, a)
         if a.lower() in xanswers or a.lower() in answers_seen:
             err(f"extra_harmless_train.jsonl:{i}: duplicate answer")
         xanswers.setdefault(a.lower(), i)
