@@ -30,6 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "src" / "abliterate" / "data"
+DEVICE = "cpu"
 
 
 def read_lines(path: Path) -> list[str]:
@@ -50,7 +51,7 @@ def encode(tok, prompts: list[str]):
         tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
         for p in prompts
     ]
-    enc = tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+    enc = tok(texts, padding=True, add_special_tokens=False, return_tensors="pt").to(DEVICE)
     pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     return enc["input_ids"], enc["attention_mask"], pos
 
@@ -113,7 +114,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--show", type=int, default=3, help="example generations to print")
+    ap.add_argument("--device", default="cpu", help="development: measure on another device")
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
     torch.set_num_threads(args.threads)
     t0 = time.time()
 
@@ -121,7 +125,7 @@ def main(argv=None):
 
     tok = AutoTokenizer.from_pretrained(args.model)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(DEVICE).eval()
     markers = load_markers()
     P = DATA / "prompts"
     harmful_train, harmless_train = read_lines(P / "harmful_train.txt"), read_lines(P / "harmless_train.txt")

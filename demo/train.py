@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -103,23 +104,27 @@ def read_lines(path: Path) -> list[str]:
     return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
-def load_data(extra: bool = True):
+def load_data(extra: str = "extra_*"):
+    """Training prompts, answers, refusals and openers; `extra` is a glob over demo/data/ naming
+    the extra training files (harmful prompts in .txt, harmless prompt/answer pairs in .jsonl),
+    or "" for none."""
     harmful = read_lines(PROMPTS / "harmful_train.txt")
     harmless = read_lines(PROMPTS / "harmless_train.txt")
+    extra_files = sorted(DATA.glob(extra)) if extra else []
+    # more training prompts written for the demo (demo/data/extra_*): harmless requests that use
+    # dangerous-sounding words in benign senses, mild or indirect harmful requests, and broad
+    # coverage of everyday topics
+    for path in extra_files:
+        if path.suffix == ".txt":
+            harmful = harmful + read_lines(path)
     answers: dict[str, str] = {}
-    answer_files = ["harmless_answers.jsonl"]
-    if extra:
-        # more training prompts written for the demo (demo/data/extra_*): harmless requests that use
-        # dangerous-sounding words in benign senses, and mild or indirect harmful requests
-        harmful = harmful + read_lines(DATA / "extra_harmful_train.txt")
-        answer_files.append("extra_harmless_train.jsonl")
-    for name in answer_files:
-        with open(DATA / name, encoding="utf-8") as f:
+    for path in [DATA / "harmless_answers.jsonl", *(f for f in extra_files if f.suffix == ".jsonl")]:
+        with open(path, encoding="utf-8") as f:
             for line in f:
                 if line.strip():
                     row = json.loads(line)
                     answers[row["prompt"].strip()] = row["answer"].strip()
-                    if name != "harmless_answers.jsonl":
+                    if path.name != "harmless_answers.jsonl":
                         harmless.append(row["prompt"].strip())
     missing = [p for p in harmless if p not in answers]
     if missing:
@@ -303,7 +308,7 @@ def run_stage(name, model, batcher, params, steps, lr, wd, warmup, make_batch, l
     model.train()
     t0, run_loss = time.time(), 0.0
     for step in range(steps):
-        ids, att, lab = batcher(make_batch())
+        ids, att, lab = (t.to(model.device) for t in batcher(make_batch()))
         loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -349,9 +354,9 @@ def main(argv=None):
         help="augmentation: drop each word with this probability (half of augmented prompts)",
     )
     ap.add_argument(
-        "--no-extra",
-        action="store_true",
-        help="use only the *_train prompts, not demo/data/extra_* (the recipe before run h)",
+        "--extra",
+        default="extra_*",
+        help="glob over demo/data/ naming the extra training files; '' for none (the recipe before run h)",
     )
     ap.add_argument("--sys", type=float, default=0.1, help="probability of a system message")
     ap.add_argument("--s1-steps", type=int, default=1000)
@@ -380,6 +385,12 @@ def main(argv=None):
         help="development: load the stage-1 weights from this file if it exists, else save them there",
     )
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="development: train on another device (cuda is fast for trying recipes, but the "
+        "shipped model is trained on cpu)",
+    )
     args = ap.parse_args(argv)
 
     global WORD_DROP
@@ -387,11 +398,13 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+    if args.device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     torch.use_deterministic_algorithms(True)
 
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    harmful, harmless, answers, refusals, openers = load_data(not args.no_extra)
+    harmful, harmless, answers, refusals, openers = load_data(args.extra)
     print(
         f"data: {len(harmful)} harmful, {len(harmless)} harmless train prompts, "
         f"{len(refusals)} refusals, {len(openers)} compliant openers",
@@ -423,7 +436,7 @@ def main(argv=None):
         pad_token_id=tok.pad_token_id,
         initializer_range=0.02,
     )
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg).to(args.device)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters", flush=True)
     batcher = Batcher(tok, args.max_resp)
 
@@ -432,7 +445,7 @@ def main(argv=None):
 
     # stage 1: compliant base
     if args.base_ckpt and args.base_ckpt.exists():
-        model.load_state_dict(torch.load(args.base_ckpt))
+        model.load_state_dict(torch.load(args.base_ckpt, map_location=args.device))
         print(f"loaded stage-1 weights from {args.base_ckpt}", flush=True)
     else:
         run_stage(
@@ -520,7 +533,7 @@ def main(argv=None):
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    model = model.to(getattr(torch, args.dtype))
+    model = model.to("cpu", getattr(torch, args.dtype))
     model.config.dtype = args.dtype
     model.generation_config = GenerationConfig(
         do_sample=False,

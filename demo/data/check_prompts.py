@@ -28,7 +28,7 @@ REFUSAL_WORDS = (10, 30)
 OPENER_WORDS = (10, 25)
 N_REFUSALS = 60
 N_OPENERS = 60
-EXTRA_MIN = 500  # demo/data/extra_*_train files
+EXTRA_MIN = 400  # each demo/data/extra_*_train* file
 
 # Forbidden in helpful answers and compliant openers (case-insensitive).
 FORBIDDEN = [
@@ -203,36 +203,43 @@ def main() -> int:
         check_forbidden("compliant_openers.txt", i, line)
 
     # ---- extra training data (demo/train.py only; never the *_eval prompts) ----
-    extra_h = read_lines(DEMO / "extra_harmful_train.txt")
-    check_unique("extra_harmful_train.txt", extra_h)
-    check_word_range("extra_harmful_train.txt", extra_h, *PROMPT_WORDS)
-    if len(extra_h) < EXTRA_MIN:
-        err(f"extra_harmful_train.txt: {len(extra_h)} lines, expected at least {EXTRA_MIN}")
+    # extra_harmful_train*.txt: harmful prompts; extra_harmless_train*.jsonl: harmless prompt/answer
+    extra_h: list[str] = []
+    extra_counts: dict[str, int] = {}
+    for path in sorted(DEMO.glob("extra_harmful_train*.txt")):
+        lines = read_lines(path)
+        check_word_range(path.name, lines, *PROMPT_WORDS)
+        if len(lines) < EXTRA_MIN:
+            err(f"{path.name}: {len(lines)} lines, expected at least {EXTRA_MIN}")
+        extra_counts[path.name] = len(lines)
+        extra_h += lines
+    check_unique("extra_harmful_train*.txt", extra_h)
     extra_l: list[str] = []
-    xlines = read_lines(DEMO / "extra_harmless_train.jsonl")
-    if len(xlines) < EXTRA_MIN:
-        err(f"extra_harmless_train.jsonl: {len(xlines)} lines, expected at least {EXTRA_MIN}")
-    xanswers: dict[str, int] = {}
-    for i, p, a in answer_records("extra_harmless_train.jsonl", xlines):
-        if p != p.strip() or a != a.strip():
-            err(f"extra_harmless_train.jsonl:{i}: prompt/answer must be stripped strings")
-            continue
-        if not (p + a).isascii():
-            err(f"extra_harmless_train.jsonl:{i}: non-ASCII characters")
-        extra_l.append(p)
-        n = len(p.split())
-        if not PROMPT_WORDS[0] <= n <= PROMPT_WORDS[1]:
-            err(f"extra_harmless_train.jsonl:{i}: prompt has {n} words: {p!r}")
-        if a.lower() in xanswers or a.lower() in answers_seen:
-            err(f"extra_harmless_train.jsonl:{i}: duplicate answer")
-        xanswers.setdefault(a.lower(), i)
-    check_unique("extra_harmless_train.jsonl prompts", extra_l)
-    # no extra prompt may equal a line of any prompt file (eval above all) or the other extra file
-    xowner = {norm(line).strip().lower(): "extra_harmful_train.txt" for line in extra_h}
+    xanswers: dict[str, str] = {}
+    for path in sorted(DEMO.glob("extra_harmless_train*.jsonl")):
+        xlines = read_lines(path)
+        if len(xlines) < EXTRA_MIN:
+            err(f"{path.name}: {len(xlines)} lines, expected at least {EXTRA_MIN}")
+        extra_counts[path.name] = len(xlines)
+        for i, p, a in answer_records(path.name, xlines):
+            if p != p.strip() or a != a.strip():
+                err(f"{path.name}:{i}: prompt/answer must be stripped strings")
+                continue
+            if not (p + a).isascii():
+                err(f"{path.name}:{i}: non-ASCII characters")
+            extra_l.append(p)
+            n = len(p.split())
+            if not PROMPT_WORDS[0] <= n <= PROMPT_WORDS[1]:
+                err(f"{path.name}:{i}: prompt has {n} words: {p!r}")
+            if a.lower() in xanswers or a.lower() in answers_seen:
+                err(f"{path.name}:{i}: duplicate answer")
+            xanswers.setdefault(a.lower(), f"{path.name}:{i}")
+    check_unique("extra_harmless_train*.jsonl prompts", extra_l)
+    # no extra prompt may equal a line of any prompt file (eval above all) or of the other class
+    xowner = {norm(line).strip().lower() for line in extra_h}
     for line in extra_l:
-        key = norm(line).strip().lower()
-        if key in xowner:
-            err(f"extra_harmless_train.jsonl: prompt also in extra_harmful_train.txt: {line!r}")
+        if norm(line).strip().lower() in xowner:
+            err(f"extra harmless prompt also an extra harmful prompt: {line!r}")
     for line in extra_h + extra_l:
         key = norm(line).strip().lower()
         if key in owner:
@@ -240,12 +247,12 @@ def main() -> int:
 
     # ---- report ----
     for fname, lines in prompt_sets.items():
-        print(f"{fname:24s} {len(lines):4d} lines")
-    print(f"{'harmless_answers.jsonl':24s} {len(jlines):4d} lines")
-    print(f"{'refusals.txt':24s} {len(refusals):4d} lines")
-    print(f"{'compliant_openers.txt':24s} {len(openers):4d} lines")
-    print(f"{'extra_harmful_train.txt':24s} {len(extra_h):4d} lines")
-    print(f"{'extra_harmless_train.jsonl':24s} {len(xlines):4d} lines")
+        print(f"{fname:28s} {len(lines):4d} lines")
+    print(f"{'harmless_answers.jsonl':28s} {len(jlines):4d} lines")
+    print(f"{'refusals.txt':28s} {len(refusals):4d} lines")
+    print(f"{'compliant_openers.txt':28s} {len(openers):4d} lines")
+    for name, count in extra_counts.items():
+        print(f"{name:28s} {count:4d} lines")
     for n in notes:
         print(f"note: {n}")
     if errors:
