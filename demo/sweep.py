@@ -59,7 +59,7 @@ def main() -> int:
 
     width = max(len(name) for name, _ in variants)
     print(f"{'variant':<{width}}  harmful  harmless  per-layer removed% / KL")
-    for name, train_args in variants:
+    for name, _ in variants:
         r = results[name]
         if not r:
             print(f"{name:<{width}}  failed (see {args.out / name}.log)")
