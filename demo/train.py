@@ -105,12 +105,12 @@ def read_lines(path: Path) -> list[str]:
 
 
 def load_data(extra: str = "extra_*"):
-    """Training prompts, answers, refusals and openers; `extra` is a glob over demo/data/ naming
-    the extra training files (harmful prompts in .txt, harmless prompt/answer pairs in .jsonl),
-    or "" for none."""
+    """Training prompts, answers, refusals and openers; `extra` holds comma-separated globs over
+    demo/data/ naming the extra training files (harmful prompts in .txt, harmless prompt/answer
+    pairs in .jsonl), or "" for none."""
     harmful = read_lines(PROMPTS / "harmful_train.txt")
     harmless = read_lines(PROMPTS / "harmless_train.txt")
-    extra_files = sorted(DATA.glob(extra)) if extra else []
+    extra_files = sorted({path for pattern in extra.split(",") if pattern for path in DATA.glob(pattern)})
     # more training prompts written for the demo (demo/data/extra_*): harmless requests that use
     # dangerous-sounding words in benign senses, mild or indirect harmful requests, and broad
     # coverage of everyday topics
@@ -329,7 +329,7 @@ def run_stage(name, model, batcher, params, steps, lr, wd, warmup, make_batch, l
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=1)  # the shipped model's draw: demo/NOTES.md
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=6)
@@ -356,17 +356,17 @@ def main(argv=None):
     ap.add_argument(
         "--extra",
         default="extra_*",
-        help="glob over demo/data/ naming the extra training files; '' for none (the recipe before run h)",
+        help="comma-separated globs over demo/data/ naming the extra training files; '' for none",
     )
     ap.add_argument("--sys", type=float, default=0.1, help="probability of a system message")
-    ap.add_argument("--s1-steps", type=int, default=1000)
+    ap.add_argument("--s1-steps", type=int, default=2000)
     ap.add_argument("--s1-lr", type=float, default=1e-3)
     ap.add_argument("--s1-wd", type=float, default=0.1)
     ap.add_argument("--s1-harmful", type=float, default=0.5)
-    ap.add_argument("--s2-steps", type=int, default=100)
+    ap.add_argument("--s2-steps", type=int, default=200)
     ap.add_argument("--s2-lr", type=float, default=3e-4)
     ap.add_argument("--s2-wd", type=float, default=0.1)
-    ap.add_argument("--s2-harmful", type=float, default=0.2)
+    ap.add_argument("--s2-harmful", type=float, default=0.3)
     ap.add_argument(
         "--s2-harmless-opener",
         type=float,
@@ -549,7 +549,7 @@ def main(argv=None):
             {
                 k: str(v) if isinstance(v, Path) else v
                 for k, v in vars(args).items()
-                if k not in ("out", "threads", "base_ckpt")
+                if k not in ("out", "base_ckpt")
             },
             indent=2,
         )

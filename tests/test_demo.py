@@ -38,7 +38,7 @@ def test_demo_model_is_small_and_shipped():
 
 
 def test_demo_model_refuses_harmful_and_answers_harmless():
-    # The target is >= 90% / <= 5%; the shipped model reaches 89% / 9% (demo/NOTES.md).
+    # The target is >= 90% / <= 5%; the shipped model reaches 90% / 7% (demo/NOTES.md).
     harmful, harmless = builtin_prompts("harmful", "eval"), builtin_prompts("harmless", "eval")
     refused_harmful = evaluator(harmful, harmless[:1]).count_refusals()
     answers = evaluator(harmless, harmless[:1]).responses()
