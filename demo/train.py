@@ -18,6 +18,7 @@ generation config).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -442,6 +443,19 @@ def main(argv=None):
 
     rng = random.Random(args.seed + 2)
     all_params = list(model.named_parameters())
+    # what both stages' batches share; each stage adds its harmful response and mix
+    batch = functools.partial(
+        sample_batch,
+        bs=args.bs,
+        harmful=harmful,
+        harmless=harmless,
+        answers=answers,
+        aug_p=args.aug,
+        sys_p=args.sys,
+        splice_p=args.splice,
+        lead_p=args.lead,
+        chimera_p=args.chimera,
+    )
 
     # stage 1: compliant base
     if args.base_ckpt and args.base_ckpt.exists():
@@ -457,20 +471,7 @@ def main(argv=None):
             args.s1_lr,
             args.s1_wd,
             30,
-            lambda: sample_batch(
-                rng,
-                args.bs,
-                harmful,
-                harmless,
-                answers,
-                openers,
-                args.s1_harmful,
-                args.aug,
-                args.sys,
-                args.splice,
-                args.lead,
-                chimera_p=args.chimera,
-            ),
+            lambda: batch(rng, harmful_resp=openers, frac_harmful=args.s1_harmful),
         )
         if args.base_ckpt:
             torch.save(model.state_dict(), args.base_ckpt)
@@ -508,21 +509,12 @@ def main(argv=None):
         args.s2_lr,
         args.s2_wd,
         5,
-        lambda: sample_batch(
+        lambda: batch(
             rng,
-            args.bs,
-            harmful,
-            harmless,
-            answers,
-            refusals,
-            args.s2_harmful,
-            args.aug,
-            args.sys,
-            args.splice,
-            args.lead,
-            args.s2_harmless_opener,
-            openers,
-            args.chimera,
+            harmful_resp=refusals,
+            frac_harmful=args.s2_harmful,
+            harmless_opener_p=args.s2_harmless_opener,
+            openers=openers,
         ),
         log_every=20,
     )
