@@ -1,6 +1,6 @@
 """Try demo-model recipes side by side: train each variant, check it, print one table.
 
-Development only (the shipped model comes from a plain `demo/train.py` run on CPU). Each
+Development only (the shipped model comes from a plain `demo/train.py` run; demo/NOTES.md). Each
 variant is a name and extra `train.py` arguments; variants run in parallel processes, each
 trained and then measured by `check.py`:
 
