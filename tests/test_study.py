@@ -4,6 +4,7 @@ import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
+from sqlalchemy.exc import ProgrammingError
 
 from abliterate.errors import UserError
 from abliterate.evaluate import NumericalFault
@@ -13,6 +14,7 @@ from abliterate.study import (
     SearchSpace,
     edits_from_params,
     knee,
+    open_storage,
     run_study,
     select_trial,
 )
@@ -150,3 +152,36 @@ def test_trials_store_their_metrics():
     assert trial.user_attrs["refusals"] == 7 and trial.user_attrs["kl"] == 0.25
     assert trial.user_attrs["edited_layers"]
     assert set(trial.user_attrs["seconds"]) == {"edit", "kl", "refusals", "reset"}
+
+
+class RacingSchema:
+    """Stands in for RDBStorage: fails like a worker that lost the race to create the schema."""
+
+    def __init__(self, failures: int):
+        self.failures = failures
+        self.calls = 0
+
+    def __call__(self, url, **kwargs):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ProgrammingError("CREATE TABLE studies", {}, Exception('relation "studies" already exists'))
+        return optuna.storages.InMemoryStorage()
+
+
+def test_a_worker_that_loses_the_schema_race_retries(monkeypatch):
+    monkeypatch.setattr("abliterate.study.time.sleep", lambda seconds: None)
+    racing = RacingSchema(failures=2)
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    assert isinstance(open_storage("postgresql+psycopg://db/study"), optuna.storages.InMemoryStorage)
+    assert racing.calls == 3
+
+
+def test_a_database_that_keeps_failing_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr("abliterate.study.time.sleep", lambda seconds: None)
+    racing = RacingSchema(failures=100)
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    with pytest.raises(
+        UserError, match=r"cannot open storage 'postgresql\+psycopg://db/study': .*already exists"
+    ):
+        open_storage("postgresql+psycopg://db/study", attempts=3)
+    assert racing.calls == 3

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import DBAPIError
 
 from abliterate.ablation import Kernel, interpolate_direction
 from abliterate.components import COMPONENTS
@@ -189,12 +190,14 @@ def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
                 if url.startswith("sqlite")
                 else {"pool_pre_ping": True},
             )
-        except Exception as error:  # sqlalchemy and drivers raise many types; all mean "cannot open"
-            # Workers starting together race to create the schema: the loser finds it made on retry.
-            racing = type(error).__name__ in ("IntegrityError", "OperationalError")
-            if not racing or attempt == attempts:
+        except DBAPIError as error:
+            # Workers starting together race to create the schema ("duplicate key", "relation already
+            # exists"): the loser finds it made on retry. A lasting fault (no server) is reported.
+            if attempt == attempts:
                 raise UserError(f"cannot open storage {url!r}: {str(error).splitlines()[0]}") from None
             time.sleep(0.5 * attempt)
+        except Exception as error:  # a malformed URL or a missing driver: retrying cannot help
+            raise UserError(f"cannot open storage {url!r}: {str(error).splitlines()[0]}") from None
 
 
 def open_study(
