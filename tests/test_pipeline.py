@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from conftest import save_tiny_model, tiny_tokenizer
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from abliterate.cli import main
 from abliterate.model import left_pad, load_chat_model
+from abliterate.pipeline import ask_selection
 
 FAST = [
     "--harmful-train-split", "train[:8]", "--harmless-train-split", "train[:8]",
@@ -110,3 +112,14 @@ def test_on_a_terminal_the_user_picks_the_trial(model, tmp_path, monkeypatch, ca
     assert answers == []  # the first answer was refused, the second taken
     assert "not one of the trials above: no-such-trial" in capsys.readouterr().out
     assert (tmp_path / "o" / "model" / "abliterate.json").is_file()
+
+
+def test_the_question_takes_a_trial_number_or_a_way_to_pick_one(monkeypatch, capsys):
+    front = [optuna.trial.create_trial(values=[3, 0.2], params={}, distributions={})]
+    front[0].number = 7
+    answers = ["trial:7", "max-kl:abc", "8", "max-kl:0.5", "7", ""]
+    monkeypatch.setattr("builtins.input", lambda prompt="": answers.pop(0))
+    assert ask_selection(front) == "max-kl:0.5"
+    assert ask_selection(front) == "trial:7"
+    assert ask_selection(front) == "knee"
+    assert capsys.readouterr().out.count("not one of the trials above") == 3

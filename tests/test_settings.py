@@ -6,7 +6,7 @@ import pytest
 
 from abliterate.cli import build_parser, parse_settings
 from abliterate.errors import SettingsError
-from abliterate.settings import Settings, load_settings
+from abliterate.settings import Settings, is_selection, load_settings
 
 
 def test_defaults():
@@ -81,6 +81,19 @@ def test_bad_values_are_one_line(values, message):
         load_settings(values)
     assert str(caught.value) == message
     assert caught.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "valid"),
+    [
+        ("knee", True), ("min-refusals", True), ("min-kl", True), ("none", True), ("trial:12", True),
+        ("max-kl:0.1", True), ("max-kl:2", True), ("max-kl:1e-3", True),
+        ("best", False), ("trial:", False), ("trial:-1", False), ("trial:x", False),
+        ("max-kl:", False), ("max-kl:0", False), ("max-kl:-0.1", False), ("max-kl:nan", False), ("max-kl:low", False),
+    ],
+)  # fmt: skip
+def test_selection_forms(text, valid):
+    assert is_selection(text) is valid
 
 
 def test_broken_toml_is_one_line(tmp_path: Path):

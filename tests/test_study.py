@@ -76,9 +76,14 @@ def test_selection():
     assert select_trial(study, "min-kl").number == 0
     assert select_trial(study, "trial:4").number == 4
     assert select_trial(study, "knee").number == 2
+    assert select_trial(study, "max-kl:0.1").number == 2
+    assert select_trial(study, "max-kl:0.07").number == 3
+    assert select_trial(study, "max-kl:5").number == 1
     assert select_trial(study, "none") is None
     with pytest.raises(UserError, match="no finished trial 9"):
         select_trial(study, "trial:9")
+    with pytest.raises(UserError, match=r"no finished trial has KL <= 0.001 \(the lowest is 0.0100\)"):
+        select_trial(study, "max-kl:0.001")
 
 
 def test_knee_of_a_single_trial():

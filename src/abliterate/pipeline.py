@@ -37,7 +37,7 @@ from abliterate.export import ModelCard, clean_partials, prepare_output, save_mo
 from abliterate.model import DEMO_MODEL_NAME, ChatModel, load_chat_model, model_name
 from abliterate.prompts import load_prompts
 from abliterate.reset import AdapterEditor, Edit, Editor, apply_edit, choose_strategy, describe, make_editor
-from abliterate.settings import Settings
+from abliterate.settings import Settings, is_selection
 from abliterate.study import (
     Objective,
     SearchSpace,
@@ -247,7 +247,7 @@ def choose(session: Session, console: Console):
     console.print(front_table(front, session.study.user_attrs.get("eval_prompts")))
     how = session.settings.select
     if how is None:
-        how = _ask(front) if sys.stdin.isatty() else "knee"
+        how = ask_selection(front) if sys.stdin.isatty() else "knee"
     return select_trial(session.study, how)
 
 
@@ -266,13 +266,17 @@ def front_table(front, eval_prompts: int | None) -> Table:
     return table
 
 
-def _ask(front) -> str:
+def ask_selection(front) -> str:
+    """Ask on the terminal until the answer is a trial of the front or a way to pick one."""
     numbers = {str(trial.number) for trial in front}
     while True:
-        answer = input("trial to save (number, knee, min-refusals, min-kl, none) [knee]: ").strip() or "knee"
+        answer = (
+            input("trial to save (number, knee, min-refusals, min-kl, max-kl:X, none) [knee]: ").strip()
+            or "knee"
+        )
         if answer in numbers:
             return f"trial:{answer}"
-        if answer in ("knee", "min-refusals", "min-kl", "none"):
+        if is_selection(answer) and not answer.startswith("trial:"):
             return answer
         print(f"not one of the trials above: {answer}")
 

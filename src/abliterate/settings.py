@@ -121,7 +121,9 @@ class Settings(BaseSettings):
     output: Path | None = Field(
         None, description="output folder (study + saved model); default: abliterated/<model>"
     )
-    select: str | None = Field(None, description="pick a trial: knee, min-refusals, min-kl, trial:N, none")
+    select: str | None = Field(
+        None, description="pick a trial: knee, min-refusals, min-kl, max-kl:X, trial:N, none"
+    )
     chat: bool = Field(False, description="chat with the result when done")
     debug: bool = Field(False, description="show tracebacks")
 
@@ -157,11 +159,9 @@ class Settings(BaseSettings):
     @field_validator("select")
     @classmethod
     def _select_form(cls, value: str | None) -> str | None:
-        if value is None or value in {"knee", "min-refusals", "min-kl", "none"}:
+        if value is None or is_selection(value):
             return value
-        if value.startswith("trial:") and value[len("trial:") :].isdigit():
-            return value
-        raise ValueError("use knee, min-refusals, min-kl, none or trial:N")
+        raise ValueError("use knee, min-refusals, min-kl, max-kl:X, trial:N or none")
 
     @field_validator("refusal_markers")
     @classmethod
@@ -181,6 +181,22 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The TOML source reads `toml_file` from the class config, set per call by `load_settings`.
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def is_selection(text: str) -> bool:
+    """Whether `text` names a way to pick a trial: knee, min-refusals, min-kl, none, trial:N or
+    max-kl:X (the fewest refusals at KL <= X)."""
+    if text in ("knee", "min-refusals", "min-kl", "none"):
+        return True
+    kind, _, argument = text.partition(":")
+    if kind == "trial":
+        return argument.isdigit()
+    if kind == "max-kl":
+        try:
+            return float(argument) > 0
+        except ValueError:
+            return False
+    return False
 
 
 def load_settings(cli_values: dict[str, Any] | None = None, config_file: Path | None = None) -> Settings:

@@ -347,7 +347,7 @@ def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def select_trial(study: optuna.Study, how: str) -> FrozenTrial | None:
-    """knee, min-refusals, min-kl, trial:N or none."""
+    """knee, min-refusals, min-kl, max-kl:X (fewest refusals at KL <= X), trial:N or none."""
     if how == "none":
         return None
     if how.startswith("trial:"):
@@ -363,6 +363,15 @@ def select_trial(study: optuna.Study, how: str) -> FrozenTrial | None:
         return min(front, key=lambda trial: (trial.values[0], trial.values[1]))
     if how == "min-kl":
         return min(front, key=lambda trial: (trial.values[1], trial.values[0]))
+    if how.startswith("max-kl:"):
+        limit = float(how[len("max-kl:") :])
+        within = [trial for trial in front if trial.values[1] <= limit]
+        if not within:
+            lowest = min(trial.values[1] for trial in front)
+            raise UserError(
+                f"--select {how}: no finished trial has KL <= {limit:g} (the lowest is {lowest:.4f}); raise the limit"
+            )
+        return min(within, key=lambda trial: (trial.values[0], trial.values[1]))
     return knee(front)
 
 
