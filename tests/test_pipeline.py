@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import optuna
 import pytest
@@ -123,3 +124,69 @@ def test_the_question_takes_a_trial_number_or_a_way_to_pick_one(monkeypatch, cap
     assert ask_selection(front) == "trial:7"
     assert ask_selection(front) == "knee"
     assert capsys.readouterr().out.count("not one of the trials above") == 3
+
+
+class FakeHub:
+    """Stands in for huggingface_hub.HfApi and records what an upload sent."""
+
+    calls: ClassVar[list[tuple]] = []
+    fail = False
+
+    def create_repo(self, repo_id, private, exist_ok):
+        self.calls.append(("create_repo", repo_id, private, exist_ok))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, repo_id, folder_path, commit_message):
+        if self.fail:
+            raise ConnectionError("the hub did not answer")
+        self.calls.append(
+            ("upload_folder", repo_id, sorted(path.name for path in Path(folder_path).iterdir()))
+        )
+
+
+@pytest.fixture
+def online_hub(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: "hf_test")
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeHub)
+    FakeHub.calls, FakeHub.fail = [], False
+    return FakeHub
+
+
+def test_push_to_hub_uploads_the_saved_folder_to_a_private_repo(
+    model, tmp_path, monkeypatch, online_hub, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", str(model), *FAST, "--select", "min-kl", "--output", str(tmp_path / "o"), "--push-to-hub", "me/tiny-abliterated"]  # fmt: skip
+    assert main(argv) == 0
+    (create, repo, private, exist_ok), (upload, uploaded_repo, files) = online_hub.calls
+    assert (create, repo, private, exist_ok) == ("create_repo", "me/tiny-abliterated", True, True)
+    assert (upload, uploaded_repo) == ("upload_folder", "me/tiny-abliterated")
+    assert {"model.safetensors", "README.md", "abliterate.json", "config.json"} <= set(files)
+    assert "uploaded to https://huggingface.co/me/tiny-abliterated" in capsys.readouterr().err
+
+
+def test_a_failed_upload_is_one_line_and_keeps_the_saved_model(
+    model, tmp_path, monkeypatch, online_hub, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    online_hub.fail = True
+    argv = ["--model", str(model), *FAST, "--select", "min-kl", "--output", str(tmp_path / "o"), "--push-to-hub", "me/x", "--hub-private", "false"]  # fmt: skip
+    assert main(argv) == 1
+    assert online_hub.calls == [("create_repo", "me/x", False, True)]
+    saved = tmp_path / "o" / "model"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"abliterate: error: cannot upload to me/x: the hub did not answer; the model is saved in "
+        f"{saved}, and the same command uploads it again"
+    )
+    assert (saved / "model.safetensors").is_file()
+
+
+def test_push_to_hub_without_a_token_stops_before_the_study(model, tmp_path, monkeypatch, online_hub, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    assert main(["--model", str(model), *FAST, "--output", str(tmp_path / "o"), "--push-to-hub", "me/x"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "abliterate: error: --push-to-hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN"
+    )
+    assert not (tmp_path / "o").exists()

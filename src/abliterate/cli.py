@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                 flag, dest=name, metavar="true|false", nargs="?", const="true", help=help_text
             )
         else:
-            parser.add_argument(flag, dest=name, metavar=name.split("_")[-1].upper(), help=help_text)
+            metavar = (field.json_schema_extra or {}).get("metavar", name.split("_")[-1].upper())
+            parser.add_argument(flag, dest=name, metavar=metavar, help=help_text)
     return parser
 
 

@@ -1,9 +1,10 @@
-"""Saving the chosen result: the output folder, atomic writes, the model card.
+"""Saving the chosen result: the output folder, atomic writes, the model card, the upload.
 
 The output folder holds the study's SQLite file (by default) and the saved model in `model/`. A
 marker file says the folder is ours, so that an existing folder of someone else's is never
 written into. The model is written to a temporary folder beside its final place and renamed in
-one step: after a crash the folder is either complete or absent.
+one step: after a crash the folder is either complete or absent. An upload to the Hugging Face
+Hub sends that saved folder; its preconditions are checked before the study starts.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from abliterate.errors import UserError
+from abliterate.model import hub_offline
 
 MARKER = ".abliterate"
 MODEL_FOLDER = "model"
@@ -144,3 +146,41 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+
+
+def check_upload(repo_id: str) -> None:
+    """What an upload needs and a study cannot fix: a valid repo id, the network allowed, a token."""
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(f"--push-to-hub {repo_id!r} is not a Hugging Face repo id; use user/name") from None
+    if hub_offline():
+        raise UserError(
+            "--push-to-hub needs the network, but HF_HUB_OFFLINE is set; unset it or drop --push-to-hub"
+        )
+    if get_token() is None:
+        raise UserError("--push-to-hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
+
+
+def upload(folder: Path, repo_id: str, private: bool) -> str:
+    """Upload a saved model folder to a Hub repo, creating the repo if missing; returns its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id, folder_path=folder, commit_message="Upload a model abliterated by abliterate"
+        )
+    except (
+        Exception
+    ) as error:  # HTTP, network and permission errors come in many types: all mean "not uploaded"
+        raise UserError(
+            f"cannot upload to {repo_id}: {str(error).splitlines()[0]}; the model is saved in {folder}, "
+            "and the same command uploads it again"
+        ) from None
+    return str(url)

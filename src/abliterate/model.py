@@ -221,7 +221,7 @@ def _local_folder(source: str) -> Path | None:
     return None
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
@@ -242,7 +242,7 @@ def _load_config(source: str, trust_remote_code: bool) -> transformers.Pretraine
     try:
         return transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as error:
-        if _offline():
+        if hub_offline():
             raise UserError(
                 f"model {source!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it; "
                 "download it first or pass a local folder"

@@ -33,7 +33,7 @@ from abliterate.components import COMPONENTS, EditableModel, find_components
 from abliterate.directions import capture_residuals, refusal_directions
 from abliterate.errors import UserError
 from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers
-from abliterate.export import ModelCard, clean_partials, prepare_output, save_model
+from abliterate.export import ModelCard, check_upload, clean_partials, prepare_output, save_model, upload
 from abliterate.model import DEMO_MODEL_NAME, ChatModel, load_chat_model, model_name
 from abliterate.prompts import load_prompts
 from abliterate.reset import AdapterEditor, Edit, Editor, apply_edit, choose_strategy, describe, make_editor
@@ -79,6 +79,8 @@ def run(settings: Settings, console: Console | None = None, command: str | None 
     """Run (or resume) the whole pipeline; returns the saved model folder, if one was saved."""
     console = console or Console(stderr=True)
     quiet_libraries()
+    if settings.push_to_hub:
+        check_upload(settings.push_to_hub)
     if settings.workers > 1:
         output, storage_url, study_name = study_location(settings)
         prepare_output(output, None)
@@ -91,6 +93,8 @@ def run(settings: Settings, console: Console | None = None, command: str | None 
         return None
     saved = export(session, trial, command or shlex.join(["abliterate", *sys.argv[1:]]))
     console.print(f"saved trial {trial.number} to [bold]{saved}[/bold]")
+    if settings.push_to_hub:
+        console.print(f"uploaded to {upload(saved, settings.push_to_hub, settings.hub_private)}")
     if settings.chat:
         apply_trial(session, trial)
         chat(session.model, console)

@@ -125,6 +125,12 @@ class Settings(BaseSettings):
         None, description="pick a trial: knee, min-refusals, min-kl, max-kl:X, trial:N, none"
     )
     chat: bool = Field(False, description="chat with the result when done")
+    push_to_hub: str | None = Field(
+        None,
+        description="upload the saved model to this Hugging Face repo (user/name), created if missing",
+        json_schema_extra={"metavar": "REPO"},
+    )
+    hub_private: bool = Field(True, description="create the --push-to-hub repo as private")
     debug: bool = Field(False, description="show tracebacks")
 
     @model_validator(mode="before")
