@@ -244,6 +244,7 @@ def search(session: Session, console: Console, label: str = "") -> None:
             run_study(session.study, objective, settings.n_trials, callbacks=[advance])
         finally:
             session.evaluator.on_batch = None
+            progress.remove_task(trial_task)  # an empty per-trial bar would stay on screen
 
 
 def choose(session: Session, console: Console):
