@@ -6,7 +6,9 @@ random start-up trials, so the sampler costs the same). Each runs as its own pro
 
 - abliterate through its command line; per-phase times come from each trial's `seconds` record;
 - heretic through `heretic_timed.py`, which calls heretic's own entry point with timers around its
-  reset, edit, KL and refusal methods (heretic is configured by its config.toml only, not changed).
+  reset, edit, KL and refusal methods (heretic is configured by its config.toml only, not changed);
+- `ours-4bit`: abliterate on the same model loaded in 4-bit NF4 (`--quantization bnb-4bit`), edited
+  through the rank-1 adapter.
 
 Per trial: reset, edit, refusal generation, KL, and the total wall time of the trial as Optuna
 recorded it (start to finish, sampler included). Models: the demo model, and a Qwen2.5-7B-shaped
@@ -25,6 +27,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import optuna
@@ -66,14 +69,48 @@ def prepare_model(name: str, workdir: Path) -> Path:
     return folder
 
 
-def run_ours(model: Path, workdir: Path, args) -> list[dict]:
-    output = workdir / f"ours-{model.name}"
+class PeakDeviceMemory:
+    """The most device memory in use while the block runs (every process, as nvidia-smi counts it),
+    above what was in use when it began; sampled every 50 ms from the driver."""
+
+    def __enter__(self) -> PeakDeviceMemory:
+        self.baseline = self.peak = self._in_use()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def gib(self) -> float:
+        return (self.peak - self.baseline) / 1024**3
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self._in_use())
+
+    @staticmethod
+    def _in_use() -> int:
+        if not torch.cuda.is_available():
+            return 0
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
+
+def run_ours(model: Path, workdir: Path, args, quantization: str = "none") -> list[dict]:
+    output = workdir / f"ours-{quantization}-{model.name}"
     shutil.rmtree(output, ignore_errors=True)
+    # In place from a GPU cache at full precision; 4-bit weights are edited through the adapter.
+    reset = "gpu-cache" if quantization == "none" else "adapter"
     command = [
         sys.executable, "-m", "abliterate", "--model", str(model), "--output", str(output),
         "--dtypes", "bfloat16", "--batch-size", str(args.batch_size), "--max-response-length", str(args.max_response_length),
         "--n-trials", str(args.trials), "--n-startup-trials", str(args.trials), "--seed", "0",
-        "--system-prompt", SYSTEM_PROMPT, "--row-norm", "none", "--select", "none", "--reset", "gpu-cache",
+        "--system-prompt", SYSTEM_PROMPT, "--row-norm", "none", "--select", "none", "--reset", reset,
+        "--quantization", quantization,
     ]  # fmt: skip
     subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
     storage = f"sqlite:///{output / 'study.db'}"
@@ -148,7 +185,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-response-length", type=int, default=64)
-    parser.add_argument("--tools", default="ours,heretic")
+    parser.add_argument("--tools", default="ours,heretic", help="ours, ours-4bit (bitsandbytes NF4), heretic")
     args = parser.parse_args()
     os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # heretic's default, for both
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -163,21 +200,23 @@ def main() -> None:
     for name in args.models.split(","):
         model = prepare_model(name, args.workdir)
         for tool in args.tools.split(","):
-            rows = (
-                run_ours(model, args.workdir, args)
-                if tool == "ours"
-                else run_heretic(model, args.workdir, args)
+            with PeakDeviceMemory() as memory:
+                if tool == "heretic":
+                    rows = run_heretic(model, args.workdir, args)
+                else:
+                    rows = run_ours(model, args.workdir, args, "bnb-4bit" if tool == "ours-4bit" else "none")
+            results[(name, tool)] = {**summary(rows, skip_first=True), "peak_gib": memory.gib}
+            print(
+                json.dumps({"model": name, "tool": tool, "peak_gib": memory.gib, "trials": rows}), flush=True
             )
-            results[(name, tool)] = summary(rows, skip_first=True)
-            print(json.dumps({"model": name, "tool": tool, "trials": rows}), flush=True)
-    print("\nmedian per trial (first trial excluded), seconds:")
-    print("| model | tool | reset | edit | refusal generation | KL | trial total | heretic / ours |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\nmedian per trial (first trial excluded), seconds; peak GPU memory of the whole run:")
+    print("| model | tool | reset | edit | refusal generation | KL | trial total | x ours | peak GPU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (name, tool), row in results.items():
         ours = results.get((name, "ours"))
-        ratio = f"{row['total'] / ours['total']:.2f}x" if ours and tool == "heretic" else ""
+        ratio = f"{row['total'] / ours['total']:.2f}x" if ours and tool != "ours" else ""
         print(f"| {name} | {tool} | {row['reset']:.4f} | {row['edit']:.4f} | {row['refusals']:.3f} | {row['kl']:.3f} | "
-              f"{row['total']:.3f} | {ratio} |")  # fmt: skip
+              f"{row['total']:.3f} | {ratio} | {row['peak_gib']:.1f} GiB |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -145,13 +145,17 @@ def _mlp_matrices(prefix: str, mlp: nn.Module, hidden_size: int) -> list[Matrix]
 
 def _linear_matrix(name: str, module: nn.Module, hidden_size: int) -> Matrix:
     weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    # 4-bit weights are stored packed; their quantization state keeps the matrix's own shape.
+    shape = tuple(
+        getattr(getattr(weight, "quant_state", None), "shape", None) or getattr(weight, "shape", ())
+    )
+    if not isinstance(weight, torch.Tensor) or len(shape) != 2:
         raise UserError(f"{name} has no 2-D weight; its layout ({type(module).__name__}) is not supported")
     # GPT-2's Conv1D stores (in, out); nn.Linear and its quantized cousins store (out, in).
     out_axis = 1 if type(module).__name__ == "Conv1D" else 0
-    if weight.shape[out_axis] != hidden_size:
+    if shape[out_axis] != hidden_size:
         raise UserError(
-            f"{name} ({type(module).__name__}, shape {tuple(weight.shape)}) does not write {hidden_size} residual "
+            f"{name} ({type(module).__name__}, shape {shape}) does not write {hidden_size} residual "
             "features along its output axis; this layout is not supported"
         )
     return Matrix(f"{name}.weight", weight, out_axis)

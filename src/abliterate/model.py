@@ -7,6 +7,7 @@ residuals at the last prompt token, next-token log-probabilities, and greedy gen
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -171,24 +172,32 @@ def load_chat_model(
     source: str | None,
     dtypes: Sequence[str] = ("auto",),
     device_map: str = "auto",
+    quantization: str = "none",
     trust_remote_code: bool = False,
     chat_template: Path | None = None,
     system_prompt: str | None = None,
 ) -> ChatModel:
-    """Load a model and tokenizer by hub id or local folder, trying dtypes in order."""
+    """Load a model and tokenizer by hub id or local folder, trying dtypes in order.
+
+    `quantization="bnb-4bit"` loads the weights as 4-bit NF4 (bitsandbytes), computing in the dtype.
+    """
     source = source or str(demo_model_path())
     folder = _local_folder(source)
+    if quantization == "bnb-4bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--quantization bnb-4bit needs bitsandbytes: pip install 'abliterate[quantization]'")
     config = _load_config(source, trust_remote_code)
     tokenizer = _load_tokenizer(source, trust_remote_code, chat_template)
     model = None
     errors = []
     for dtype in dtypes:
+        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 source,
                 config=config,
-                dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                dtype=torch_dtype,
                 device_map=None if device_map == "none" else device_map,
+                quantization_config=_quantization_config(quantization, torch_dtype),
                 trust_remote_code=trust_remote_code,
             )
             break
@@ -204,6 +213,19 @@ def load_chat_model(
         folder = _hub_snapshot(source)
     return ChatModel(
         model=model, tokenizer=tokenizer, source=source, folder=folder, system_prompt=system_prompt
+    )
+
+
+def _quantization_config(
+    quantization: str, dtype: torch.dtype | str
+) -> transformers.BitsAndBytesConfig | None:
+    if quantization == "none":
+        return None
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        # Matrix products run in this dtype; "auto" leaves it to the checkpoint, bfloat16 where unsaid.
+        bnb_4bit_compute_dtype=torch.bfloat16 if dtype == "auto" else dtype,
     )
 
 

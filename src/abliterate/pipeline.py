@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import shlex
 import sys
 import warnings
@@ -73,6 +74,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU kernel notes on every 4-bit load
 
 
 def run(settings: Settings, console: Console | None = None, command: str | None = None) -> Path | None:
@@ -112,6 +114,7 @@ def prepare(settings: Settings, console: Console) -> Session:
         settings.model,
         dtypes=settings.dtypes,
         device_map=settings.device_map,
+        quantization=settings.quantization,
         trust_remote_code=settings.trust_remote_code,
         chat_template=settings.chat_template,
         system_prompt=settings.system_prompt,

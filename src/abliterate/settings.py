@@ -24,6 +24,7 @@ from abliterate.errors import SettingsError
 ResetName = Literal["auto", "gpu-cache", "host-cache", "disk", "reload", "adapter"]
 RowNorm = Literal["none", "pre", "full"]
 DirectionScope = Literal["global", "per-layer", "search"]
+Quantization = Literal["none", "bnb-4bit"]
 
 
 class PromptSet(BaseModel):
@@ -64,6 +65,11 @@ class Settings(BaseSettings):
         description="dtypes to try in order when loading (comma-separated)",
     )
     device_map: str = Field("auto", description="accelerate device map: auto, cpu, cuda, cuda:1, ...")
+    quantization: Quantization = Field(
+        "none",
+        description="bnb-4bit: load the weights in 4-bit NF4 (bitsandbytes) so that larger models fit; "
+        "trials then edit through the adapter, and the saved model is full precision",
+    )
     trust_remote_code: bool = Field(
         False, description="run code shipped with the model (only for models you trust)"
     )
