@@ -30,6 +30,13 @@ def test_kl_divergence_matches_torch():
     assert torch.allclose(kl_divergence(reference, reference), torch.zeros(5, dtype=torch.float64))
 
 
+def test_kl_divergence_of_nearly_equal_distributions_does_not_round_below_zero():
+    logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(0))
+    reference, other = torch.log_softmax(logits, dim=-1), torch.log_softmax(logits * (1 + 1e-6), dim=-1)
+    assert ((reference.exp() * (reference - other)).sum(-1) < 0).any()  # what float32 rounding gives
+    assert (kl_divergence(reference, other) >= 0).all()
+
+
 def tiny_chat_model() -> ChatModel:
     tokenizer = tiny_tokenizer()
     tokenizer.padding_side = "left"

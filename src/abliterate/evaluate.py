@@ -47,7 +47,9 @@ class RefusalDetector:
 
 def kl_divergence(reference_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
     """KL(reference || other) per row, for (rows, vocab) log-probabilities."""
-    return (reference_logprobs.exp() * (reference_logprobs - logprobs)).sum(dim=-1)
+    divergence = (reference_logprobs.exp() * (reference_logprobs - logprobs)).sum(dim=-1)
+    # KL is never negative; nearly equal distributions can round below zero.
+    return divergence.clamp_min(0.0)
 
 
 @dataclass(frozen=True)
