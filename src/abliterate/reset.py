@@ -21,8 +21,6 @@ devices keep their identity and the result is bit-identical to the original.
 from __future__ import annotations
 
 import hashlib
-import json
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ import torch
 from torch import nn
 
 from abliterate.ablation import ablate_
+from abliterate.checkpoint import checkpoint_part, key_files, locate, parameter_part, safetensors_files
 from abliterate.components import EditableModel, Matrix
 from abliterate.errors import UserError
 
@@ -125,16 +124,19 @@ class DiskRestorer(Restorer):
     name = "disk"
 
     def __init__(self, editable: EditableModel, folder: Path | None):
-        if folder is None or not _safetensors_files(folder):
+        if folder is None or not safetensors_files(folder):
             raise UserError(
                 "reset 'disk' needs the model's safetensors files on disk; use --reset gpu-cache or host-cache"
             )
         self.editable = editable
         self.folder = folder
-        key_files = _key_to_file(folder)
-        self.sources: dict[str, list[tuple[Path, str]]] = {
-            matrix.name: _checkpoint_keys(matrix, key_files) for *_, matrix in editable.matrices()
-        }
+        files = key_files(folder)
+        try:
+            self.sources: dict[str, list[tuple[Path, str]]] = {
+                matrix.name: locate(matrix, files) for *_, matrix in editable.matrices()
+            }
+        except UserError as error:
+            raise UserError(f"{error}; use a cache reset instead of 'disk'") from None
 
     @torch.no_grad()
     def restore(self, touched: Iterable[tuple[int, str]]) -> None:
@@ -150,9 +152,9 @@ class DiskRestorer(Restorer):
         for file, entries in by_file.items():
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for matrix, position, key in entries:
-                    _write_checkpoint_tensor(
-                        matrix, position, len(self.sources[matrix.name]), handle.get_tensor(key)
-                    )
+                    parts = len(self.sources[matrix.name])
+                    original = checkpoint_part(matrix, parts, handle.get_tensor(key))
+                    parameter_part(matrix, position, parts).copy_(original)
 
 
 class FullReload(Restorer):
@@ -439,70 +441,3 @@ def fingerprint(editable: EditableModel) -> str:
 
 
 _SAME_SIZE_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-# -- reading tensors back from safetensors files -------------------------------------------------
-
-
-def _safetensors_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.safetensors"))
-
-
-def _key_to_file(folder: Path) -> dict[str, Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {key: folder / file for key, file in weight_map.items()}
-    from safetensors import safe_open
-
-    mapping = {}
-    for file in _safetensors_files(folder):
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            mapping.update(dict.fromkeys(handle.keys(), file))
-    return mapping
-
-
-_LAYER_PART = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.(.*)$")
-
-
-def _checkpoint_keys(matrix: Matrix, key_files: dict[str, Path]) -> list[tuple[Path, str]]:
-    """Where a parameter lives in the checkpoint: one key, or one key per expert for fused experts.
-
-    Checkpoint names may differ from the loaded model's in their prefix (multimodal wrappers) and,
-    for fused experts, be stored expert by expert (`experts.N.down_proj.weight` or `experts.N.w2.weight`).
-    """
-    if matrix.name in key_files:
-        return [(key_files[matrix.name], matrix.name)]
-    match = _LAYER_PART.search(matrix.name)
-    if match is None:
-        raise UserError(
-            f"cannot find {matrix.name} in the checkpoint files; use a cache reset instead of 'disk'"
-        )
-    layer, rest = match.groups()
-    suffix = re.compile(rf"(?:^|\.)(?:layers|h|blocks)\.{layer}\.{re.escape(rest)}$")
-    same = [key for key in key_files if suffix.search(key)]
-    if len(same) == 1:
-        return [(key_files[same[0]], same[0])]
-    if rest.endswith("experts.down_proj"):
-        container = re.escape(rest[: -len("experts.down_proj")])
-        container_names = rf"(?:{container}|block_sparse_moe\.)" if container == "mlp\\." else container
-        per_expert = re.compile(
-            rf"(?:^|\.)(?:layers|h|blocks)\.{layer}\.{container_names}experts\.(\d+)\.(?:down_proj|w2)\.weight$"
-        )
-        experts = sorted(
-            ((int(found.group(1)), key) for key in key_files if (found := per_expert.search(key))),
-            key=lambda item: item[0],
-        )
-        if len(experts) == matrix.parameter.shape[0]:
-            return [(key_files[key], key) for _, key in experts]
-    raise UserError(f"cannot find {matrix.name} in the checkpoint files; use a cache reset instead of 'disk'")
-
-
-def _write_checkpoint_tensor(matrix: Matrix, position: int, parts: int, tensor: torch.Tensor) -> None:
-    target = matrix.parameter.data
-    if parts > 1:
-        # One expert of a fused stack, stored as a Linear weight (out, in).
-        target = target[position]
-        if matrix.out_axis == 2:
-            tensor = tensor.T
-    target.copy_(tensor.to(dtype=target.dtype))
