@@ -9,7 +9,8 @@ from typing import ClassVar
 import optuna
 import pytest
 import torch
-from conftest import save_tiny_model, tiny_tokenizer
+import transformers
+from conftest import save_tiny_model, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
 from abliterate.cli import main
@@ -53,6 +54,31 @@ def test_adapter_run_saves_the_same_weights_as_an_in_place_run(model, tmp_path, 
         assert torch.equal(merged[name], in_place[name]), name
     original = load_file(model / "model.safetensors")
     assert any(not torch.equal(original[name], merged[name]) for name in original)
+
+
+def test_an_adapter_run_of_a_sharded_moe_checkpoint_saves_the_in_place_weights(tmp_path, monkeypatch):
+    """The adapter's export merges the edit into the source's shards one by one: the same bytes as an in-place save."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "moe"
+    tiny_model("qwen2_moe").save_pretrained(folder, max_shard_size="40KB")
+    tiny_tokenizer().save_pretrained(folder)
+    shards = sorted(path.name for path in folder.glob("*.safetensors"))
+    assert len(shards) > 2
+    for reset in ("adapter", "gpu-cache"):
+        argv = ["--model", str(folder), *FAST, "--reset", reset, "--select", "trial:1", "--output", str(tmp_path / reset)]  # fmt: skip
+        assert main(argv) == 0
+    merged, in_place = tmp_path / "adapter" / "model", tmp_path / "gpu-cache" / "model"
+    assert sorted(path.name for path in merged.glob("*.safetensors")) == shards
+    assert (merged / "model.safetensors.index.json").read_text() == (
+        folder / "model.safetensors.index.json"
+    ).read_text()
+    merged_tensors = transformers.AutoModelForCausalLM.from_pretrained(merged).state_dict()
+    in_place_tensors = transformers.AutoModelForCausalLM.from_pretrained(in_place).state_dict()
+    assert merged_tensors.keys() == in_place_tensors.keys()
+    for name in merged_tensors:
+        assert torch.equal(merged_tensors[name], in_place_tensors[name]), name
+    original = transformers.AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    assert any(not torch.equal(original[name], merged_tensors[name]) for name in original)
 
 
 def test_saved_model_card_and_metadata(model, tmp_path, monkeypatch):

@@ -100,3 +100,15 @@ def test_without_bitsandbytes_the_error_says_what_to_install(monkeypatch):
     )
     with pytest.raises(UserError, match=r"needs bitsandbytes: pip install 'abliterate\[quantization\]'"):
         load_chat_model(None, device_map="cpu", quantization="bnb-4bit")
+
+
+def test_a_model_stored_quantized_is_refused_before_the_study(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    quantized_demo().model.save_pretrained(tmp_path / "stored-4bit")
+    quantized_demo().tokenizer.save_pretrained(tmp_path / "stored-4bit")
+    assert main(["--model", str(tmp_path / "stored-4bit"), "--output", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "abliterate: error: stored-4bit is stored quantized; abliterate merges its edit into full-precision "
+        "weights: use the original model (with --quantization bnb-4bit to load it in 4-bit)"
+    )
+    assert not (tmp_path / "out" / "study.db").exists()

@@ -13,11 +13,19 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from abliterate.ablation import ablate_
+from abliterate.checkpoint import checkpoint_part, key_files, locate, safetensors_files
+from abliterate.components import EditableModel, Matrix
 from abliterate.errors import UserError
 from abliterate.model import hub_offline
+from abliterate.reset import Edit
 
 MARKER = ".abliterate"
 MODEL_FOLDER = "model"
@@ -97,10 +105,61 @@ This model is [{self.source_model}]({self.source_model}) with its refusal direct
 
 def save_model(model, tokenizer, output: Path, card: ModelCard) -> Path:
     """Write model, tokenizer, card and metadata to `output/model`, atomically replacing any earlier one."""
+    return _save(
+        lambda folder: model.save_pretrained(folder, safe_serialization=True), tokenizer, output, card
+    )
+
+
+def save_merged(
+    source: Path,
+    editable: EditableModel,
+    edits: list[Edit],
+    row_norm: str,
+    tokenizer,
+    output: Path,
+    card: ModelCard,
+) -> Path:
+    """Like `save_model`, for a model whose weights were never edited (the adapter, 4-bit weights):
+    the source's safetensors files with the edits merged in, one file at a time, so that saving
+    never holds more than one shard in host memory."""
+    return _save(
+        lambda folder: merge_checkpoint(source, folder, editable, edits, row_norm), tokenizer, output, card
+    )
+
+
+# Beside the weights, what `save_pretrained` would write; plus code shipped with the model.
+_CHECKPOINT_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+
+
+def merge_checkpoint(
+    source: Path, target: Path, editable: EditableModel, edits: list[Edit], row_norm: str
+) -> None:
+    """Write the checkpoint in `source` to `target` with `edits` applied, shard by shard, same file names."""
+    files = key_files(source)
+    to_edit: dict[Path, list[tuple[str, Matrix, int, Edit]]] = {}
+    for edit in edits:
+        for matrix in editable.components[edit.layer].get(edit.component, []):
+            parts = locate(matrix, files)
+            for file, key in parts:
+                to_edit.setdefault(file, []).append((key, matrix, len(parts), edit))
+    for file in safetensors_files(source):
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {"format": "pt"}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+        for key, matrix, parts, edit in to_edit.get(file, []):
+            ablate_(checkpoint_part(matrix, parts, tensors[key]), edit.direction, edit.weight, row_norm)
+        save_file(tensors, str(target / file.name), metadata=metadata)
+        del tensors
+    for path in source.iterdir():
+        if path.is_file() and (path.name in _CHECKPOINT_FILES or path.suffix == ".py"):
+            shutil.copy2(path, target / path.name)
+
+
+def _save(write_weights: Callable[[Path], None], tokenizer, output: Path, card: ModelCard) -> Path:
     final = output / MODEL_FOLDER
     partial = Path(tempfile.mkdtemp(prefix=f".{MODEL_FOLDER}.partial-", dir=output))
     try:
-        model.save_pretrained(partial, safe_serialization=True)
+        write_weights(partial)
         tokenizer.save_pretrained(partial)
         (partial / "README.md").write_text(card.markdown(), "utf-8")
         metadata = {

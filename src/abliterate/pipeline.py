@@ -30,11 +30,20 @@ from rich.progress import (
 from rich.table import Table
 
 from abliterate import workers
+from abliterate.checkpoint import safetensors_files
 from abliterate.components import COMPONENTS, EditableModel, find_components
 from abliterate.directions import capture_residuals, refusal_directions
 from abliterate.errors import UserError
 from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers
-from abliterate.export import ModelCard, check_upload, clean_partials, prepare_output, save_model, upload
+from abliterate.export import (
+    ModelCard,
+    check_upload,
+    clean_partials,
+    prepare_output,
+    save_merged,
+    save_model,
+    upload,
+)
 from abliterate.model import DEMO_MODEL_NAME, ChatModel, load_chat_model, model_name
 from abliterate.prompts import load_prompts
 from abliterate.reset import AdapterEditor, Edit, Editor, apply_edit, choose_strategy, describe, make_editor
@@ -119,6 +128,15 @@ def prepare(settings: Settings, console: Console) -> Session:
         chat_template=settings.chat_template,
         system_prompt=settings.system_prompt,
     )
+    if (
+        settings.quantization == "none"
+        and getattr(model.model.config, "quantization_config", None) is not None
+    ):
+        # Its weights cannot carry the edit, nor can its files: there would be nothing to save.
+        raise UserError(
+            f"{model.name} is stored quantized; abliterate merges its edit into full-precision weights: "
+            "use the original model (with --quantization bnb-4bit to load it in 4-bit)"
+        )
     editable = find_components(model.model)
     output, storage_url, study_name = study_location(settings)
     prepare_output(output, model.folder)
@@ -319,15 +337,20 @@ def export(session: Session, trial, command: str) -> Path:
 
 
 def _export_merged(session: Session, trial, card: ModelCard) -> Path:
-    """Adapter runs never touch the weights: apply the edit to a full-precision copy and save that."""
-    if session.model.folder is None:
+    """Adapter runs never touch the weights: merge the edit into the model's own files and save that."""
+    folder, row_norm = session.model.folder, session.settings.row_norm
+    if folder is None:
         raise UserError("saving an adapter run needs the model's files on disk")
-    full = transformers.AutoModelForCausalLM.from_pretrained(
-        session.model.folder, dtype="auto", device_map="cpu"
-    )
+    edits = trial_edits(session, trial)
+    if safetensors_files(folder):
+        return save_merged(
+            folder, session.editable, edits, row_norm, session.model.tokenizer, session.output, card
+        )
+    # Older checkpoints (pytorch_model.bin): load a full-precision copy on the CPU and edit that.
+    full = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map="cpu")
     editable = find_components(full)
-    for edit in trial_edits(session, trial):
-        apply_edit(editable, edit, session.settings.row_norm)
+    for edit in edits:
+        apply_edit(editable, edit, row_norm)
     return save_model(full, session.model.tokenizer, session.output, card)
 
 
