@@ -81,6 +81,25 @@ def test_an_adapter_run_of_a_sharded_moe_checkpoint_saves_the_in_place_weights(t
     assert any(not torch.equal(original[name], merged_tensors[name]) for name in original)
 
 
+def test_an_adapter_run_of_a_pytorch_bin_checkpoint_saves_the_in_place_weights(tmp_path, monkeypatch):
+    """Without safetensors files the merge edits a full copy loaded on the CPU: still the in-place bytes."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "bin"
+    model = tiny_model("llama")
+    model.config.save_pretrained(
+        folder
+    )  # transformers 5 writes only safetensors: write the old format by hand
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    tiny_tokenizer().save_pretrained(folder)
+    assert not list(folder.glob("*.safetensors")) and (folder / "pytorch_model.bin").is_file()
+    for reset in ("adapter", "gpu-cache"):
+        argv = ["--model", str(folder), *FAST, "--reset", reset, "--select", "trial:1", "--output", str(tmp_path / reset)]  # fmt: skip
+        assert main(argv) == 0
+    merged, in_place = saved_tensors(tmp_path / "adapter"), saved_tensors(tmp_path / "gpu-cache")
+    assert merged.keys() == in_place.keys()
+    assert all(torch.equal(merged[name], in_place[name]) for name in merged)
+
+
 def test_saved_model_card_and_metadata(model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["--model", str(model), *FAST, "--select", "min-kl", "--output", str(tmp_path / "o")]) == 0
