@@ -106,9 +106,11 @@ def test_a_model_stored_quantized_is_refused_before_the_study(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     quantized_demo().model.save_pretrained(tmp_path / "stored-4bit")
     quantized_demo().tokenizer.save_pretrained(tmp_path / "stored-4bit")
-    assert main(["--model", str(tmp_path / "stored-4bit"), "--output", str(tmp_path / "out")]) == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "abliterate: error: stored-4bit is stored quantized; abliterate merges its edit into full-precision "
-        "weights: use the original model (with --quantization bnb-4bit to load it in 4-bit)"
-    )
+    for quantization in ("none", "bnb-4bit"):
+        argv = ["--model", str(tmp_path / "stored-4bit"), "--quantization", quantization, "--output", str(tmp_path / "out")]  # fmt: skip
+        assert main(argv) == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            "abliterate: error: stored-4bit is stored quantized; abliterate merges its edit into full-precision "
+            "weights: use the original model (with --quantization bnb-4bit to load it in 4-bit)"
+        )
     assert not (tmp_path / "out" / "study.db").exists()

@@ -235,9 +235,8 @@ def upload(folder: Path, repo_id: str, private: bool) -> str:
         api.upload_folder(
             repo_id=repo_id, folder_path=folder, commit_message="Upload a model abliterated by abliterate"
         )
-    except (
-        Exception
-    ) as error:  # HTTP, network and permission errors come in many types: all mean "not uploaded"
+    # HTTP, network and permission errors come in many types: all mean "not uploaded".
+    except Exception as error:
         raise UserError(
             f"cannot upload to {repo_id}: {str(error).splitlines()[0]}; the model is saved in {folder}, "
             "and the same command uploads it again"

@@ -186,6 +186,12 @@ def load_chat_model(
     if quantization == "bnb-4bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("--quantization bnb-4bit needs bitsandbytes: pip install 'abliterate[quantization]'")
     config = _load_config(source, trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:
+        # Neither its weights nor its files can carry the edit: there would be nothing to save.
+        raise UserError(
+            f"{model_name(source)} is stored quantized; abliterate merges its edit into full-precision "
+            "weights: use the original model (with --quantization bnb-4bit to load it in 4-bit)"
+        )
     tokenizer = _load_tokenizer(source, trust_remote_code, chat_template)
     model = None
     errors = []

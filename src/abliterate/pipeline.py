@@ -128,15 +128,6 @@ def prepare(settings: Settings, console: Console) -> Session:
         chat_template=settings.chat_template,
         system_prompt=settings.system_prompt,
     )
-    if (
-        settings.quantization == "none"
-        and getattr(model.model.config, "quantization_config", None) is not None
-    ):
-        # Its weights cannot carry the edit, nor can its files: there would be nothing to save.
-        raise UserError(
-            f"{model.name} is stored quantized; abliterate merges its edit into full-precision weights: "
-            "use the original model (with --quantization bnb-4bit to load it in 4-bit)"
-        )
     editable = find_components(model.model)
     output, storage_url, study_name = study_location(settings)
     prepare_output(output, model.folder)
