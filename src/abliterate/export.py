@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from abliterate.ablation import ablate_
-from abliterate.checkpoint import checkpoint_part, key_files, locate, safetensors_files
+from abliterate.checkpoint import checkpoint_part, key_files, locate
 from abliterate.components import EditableModel, Matrix
 from abliterate.errors import UserError
 from abliterate.model import hub_offline
@@ -142,7 +142,8 @@ def merge_checkpoint(
             parts = locate(matrix, files)
             for file, key in parts:
                 to_edit.setdefault(file, []).append((key, matrix, len(parts), edit))
-    for file in safetensors_files(source):
+    # The files the checkpoint names: repos may ship other safetensors files (consolidated.safetensors).
+    for file in sorted(set(files.values())):
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {"format": "pt"}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
