@@ -15,7 +15,8 @@ from conftest import save_tiny_model, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
 from abliterate.cli import main
-from abliterate.model import left_pad, load_chat_model
+from abliterate.export import ModelCard
+from abliterate.model import ChatModel, left_pad, load_chat_model
 from abliterate.pipeline import ask_selection
 
 FAST = [
@@ -111,6 +112,27 @@ def test_saved_model_card_and_metadata(model, tmp_path, monkeypatch):
     assert metadata["source_model"] == str(model)
     assert f"trial {metadata['trial']}" in card and "## Command" in card
     assert (tmp_path / "o" / ".abliterate").is_file() and (tmp_path / "o" / "study.db").is_file()
+
+
+@pytest.mark.parametrize(
+    ("source", "hub_id", "front_matter", "link"),
+    [
+        ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct", "base_model: Qwen/Qwen2.5-7B-Instruct\ntags:",
+         "[Qwen/Qwen2.5-7B-Instruct](https://huggingface.co/Qwen/Qwen2.5-7B-Instruct)"),
+        ("/models/my-llama", None, "---\ntags:", "`/models/my-llama`"),
+    ],
+)  # fmt: skip
+def test_the_model_card_names_a_hub_base_model_only_for_hub_ids(source, hub_id, front_matter, link):
+    card = ModelCard(
+        source, 3, {"attn.max_weight": 1.0}, 2, 100, 90, 0.1, "abliterate", hub_id=hub_id
+    ).markdown()
+    assert card.startswith("---\n") and front_matter in card and f"This model is {link} with" in card
+    assert ("base_model:" in card) == (hub_id is not None)
+
+
+def test_chat_models_know_whether_they_came_from_the_hub(model):
+    assert load_chat_model(str(model), dtypes=["float32"], device_map="cpu").hub_id is None
+    assert ChatModel(None, None, "Qwen/Qwen2.5-7B-Instruct", None).hub_id == "Qwen/Qwen2.5-7B-Instruct"
 
 
 def test_rerun_with_more_trials_continues_the_study(model, tmp_path, monkeypatch, capsys):

@@ -61,6 +61,7 @@ class ModelCard:
     baseline_refusals: int | None
     kl: float
     command: str
+    hub_id: str | None = None  # the source's Hub id; local models have none
 
     def markdown(self) -> str:
         params = "\n".join(
@@ -72,15 +73,21 @@ class ModelCard:
             if self.baseline_refusals is not None
             else "not measured"
         )
+        # The Hub checks `base_model` against its repos: only a Hub id belongs there.
+        base_model = f"base_model: {self.hub_id}\n" if self.hub_id else ""
+        source = (
+            f"[{self.hub_id}](https://huggingface.co/{self.hub_id})"
+            if self.hub_id
+            else f"`{self.source_model}`"
+        )
         return f"""---
-base_model: {self.source_model}
-tags:
+{base_model}tags:
 - abliterate
 - abliterated
 ---
 # Abliterated {self.source_model}
 
-This model is [{self.source_model}]({self.source_model}) with its refusal direction ablated by
+This model is {source} with its refusal direction ablated by
 `abliterate` (directional ablation, Arditi et al. 2024), parameters chosen by an Optuna study
 (trial {self.trial}).
 

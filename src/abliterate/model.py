@@ -49,6 +49,11 @@ class ChatModel:
         return model_name(self.source)
 
     @property
+    def hub_id(self) -> str | None:
+        """The Hugging Face Hub id the model was loaded by; None for a local folder."""
+        return None if Path(self.source).expanduser().is_dir() else self.source
+
+    @property
     def input_device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 

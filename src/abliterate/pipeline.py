@@ -317,6 +317,7 @@ def export(session: Session, trial, command: str) -> Path:
         baseline_refusals=session.study.user_attrs.get("baseline_refusals"),
         kl=float(trial.values[1]),
         command=command,
+        hub_id=session.model.hub_id,
     )
     if isinstance(session.editor, AdapterEditor):
         return _export_merged(session, trial, card)
