@@ -157,7 +157,7 @@ def merge_checkpoint(
         for key, matrix, parts, edit in to_edit.get(file, []):
             ablate_(checkpoint_part(matrix, parts, tensors[key]), edit.direction, edit.weight, row_norm)
         save_file(tensors, str(target / file.name), metadata=metadata)
-        del tensors
+        del tensors  # before the next shard loads: one shard in memory at a time
     for path in source.iterdir():
         if path.is_file() and (path.name in _CHECKPOINT_FILES or path.suffix == ".py"):
             shutil.copy2(path, target / path.name)
