@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -94,9 +95,9 @@ def measure(method: str, source: Path, target: Path) -> tuple[float, float]:
     )
     _, status, usage = os.wait4(child.pid, 0)  # this child's own resource usage
     seconds = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        raise SystemExit(f"{method} failed with exit code {child.returncode}")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{method} failed with exit code {code}")
     return seconds, usage.ru_maxrss / 1024**2  # KiB on Linux
 
 
@@ -129,7 +130,7 @@ def main() -> None:
     outputs = {}
     for method in ("merge", "load"):
         target = args.workdir / f"out-{method}"
-        subprocess.run(["rm", "-rf", str(target)], check=True)
+        shutil.rmtree(target, ignore_errors=True)
         seconds, peak = measure(method, source, target)
         outputs[method] = target
         print(f"| {method} | {seconds:.1f} s | {peak:.2f} GiB |", flush=True)

@@ -12,7 +12,6 @@ import pytest
 import torch
 import transformers
 from conftest import save_tiny_model, tiny_model, tiny_tokenizer
-from safetensors.torch import load_file
 
 from abliterate.cli import main
 from abliterate.export import ModelCard
@@ -31,30 +30,29 @@ def model(tmp_path: Path) -> Path:
     return save_tiny_model(tmp_path / "tiny")  # a copy of its own: one test edits its tokenizer
 
 
-def saved_tensors(output: Path) -> dict[str, torch.Tensor]:
-    return load_file(output / "model" / "model.safetensors")
+def adapter_and_in_place_saves(folder: Path, tmp_path: Path) -> tuple[dict, dict]:
+    """Run the same trial with the adapter and in place; the two saved models' weights."""
+    for reset in ("adapter", "gpu-cache"):
+        argv = ["--model", str(folder), *FAST, "--reset", reset, "--select", "trial:1", "--output", str(tmp_path / reset)]  # fmt: skip
+        assert main(argv) == 0
+    return tuple(weights_of(tmp_path / reset / "model") for reset in ("adapter", "gpu-cache"))
+
+
+def weights_of(folder: Path) -> dict[str, torch.Tensor]:
+    return transformers.AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+def assert_same_weights(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
 
 
 def test_adapter_run_saves_the_same_weights_as_an_in_place_run(model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for reset in ("adapter", "gpu-cache"):
-        argv = [
-            "--model",
-            str(model),
-            *FAST,
-            "--reset",
-            reset,
-            "--select",
-            "trial:1",
-            "--output",
-            str(tmp_path / reset),
-        ]
-        assert main(argv) == 0
-    merged, in_place = saved_tensors(tmp_path / "adapter"), saved_tensors(tmp_path / "gpu-cache")
-    assert merged.keys() == in_place.keys()
-    for name in merged:
-        assert torch.equal(merged[name], in_place[name]), name
-    original = load_file(model / "model.safetensors")
+    merged, in_place = adapter_and_in_place_saves(model, tmp_path)
+    assert_same_weights(merged, in_place)
+    original = weights_of(model)
     assert any(not torch.equal(original[name], merged[name]) for name in original)
 
 
@@ -68,21 +66,14 @@ def test_an_adapter_run_of_a_sharded_moe_checkpoint_saves_the_in_place_weights(t
     assert len(shards) > 2
     # Some repos ship the weights twice; the index names the files that make the model.
     shutil.copy(folder / shards[0], folder / "consolidated.safetensors")
-    for reset in ("adapter", "gpu-cache"):
-        argv = ["--model", str(folder), *FAST, "--reset", reset, "--select", "trial:1", "--output", str(tmp_path / reset)]  # fmt: skip
-        assert main(argv) == 0
-    merged, in_place = tmp_path / "adapter" / "model", tmp_path / "gpu-cache" / "model"
-    assert sorted(path.name for path in merged.glob("*.safetensors")) == shards
-    assert (merged / "model.safetensors.index.json").read_text() == (
-        folder / "model.safetensors.index.json"
-    ).read_text()
-    merged_tensors = transformers.AutoModelForCausalLM.from_pretrained(merged).state_dict()
-    in_place_tensors = transformers.AutoModelForCausalLM.from_pretrained(in_place).state_dict()
-    assert merged_tensors.keys() == in_place_tensors.keys()
-    for name in merged_tensors:
-        assert torch.equal(merged_tensors[name], in_place_tensors[name]), name
-    original = transformers.AutoModelForCausalLM.from_pretrained(folder).state_dict()
-    assert any(not torch.equal(original[name], merged_tensors[name]) for name in original)
+    merged, in_place = adapter_and_in_place_saves(folder, tmp_path)
+    saved = tmp_path / "adapter" / "model"
+    assert sorted(path.name for path in saved.glob("*.safetensors")) == shards
+    index = "model.safetensors.index.json"
+    assert (saved / index).read_text() == (folder / index).read_text()
+    assert_same_weights(merged, in_place)
+    original = weights_of(folder)
+    assert any(not torch.equal(original[name], merged[name]) for name in original)
 
 
 def test_an_adapter_run_of_a_pytorch_bin_checkpoint_saves_the_in_place_weights(tmp_path, monkeypatch):
@@ -90,18 +81,12 @@ def test_an_adapter_run_of_a_pytorch_bin_checkpoint_saves_the_in_place_weights(t
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "bin"
     model = tiny_model("llama")
-    model.config.save_pretrained(
-        folder
-    )  # transformers 5 writes only safetensors: write the old format by hand
+    # transformers 5 writes only safetensors: write the old format by hand.
+    model.config.save_pretrained(folder)
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     tiny_tokenizer().save_pretrained(folder)
     assert not list(folder.glob("*.safetensors")) and (folder / "pytorch_model.bin").is_file()
-    for reset in ("adapter", "gpu-cache"):
-        argv = ["--model", str(folder), *FAST, "--reset", reset, "--select", "trial:1", "--output", str(tmp_path / reset)]  # fmt: skip
-        assert main(argv) == 0
-    merged, in_place = saved_tensors(tmp_path / "adapter"), saved_tensors(tmp_path / "gpu-cache")
-    assert merged.keys() == in_place.keys()
-    assert all(torch.equal(merged[name], in_place[name]) for name in merged)
+    assert_same_weights(*adapter_and_in_place_saves(folder, tmp_path))
 
 
 def test_saved_model_card_and_metadata(model, tmp_path, monkeypatch):
