@@ -197,6 +197,12 @@ def test_disk_restore_without_files_is_a_clear_error(tmp_path):
         DiskRestorer(editable, tmp_path)
 
 
+def test_an_adapter_run_without_the_models_files_is_refused_before_the_study():
+    model = tiny_model("llama")
+    with pytest.raises(UserError, match="--reset adapter saves by editing the model's files"):
+        make_editor("adapter", model, find_components(model), folder=None)
+
+
 def test_verify_restore_catches_a_corrupted_cache():
     model = tiny_model("llama")
     editable = find_components(model)

@@ -1,5 +1,7 @@
 """Search space, edits from parameters, and choosing a trial."""
 
+import time
+
 import optuna
 import pytest
 import torch
@@ -13,6 +15,7 @@ from abliterate.study import (
     Objective,
     SearchSpace,
     edits_from_params,
+    fail_stale_trials,
     knee,
     open_storage,
     run_study,
@@ -160,7 +163,7 @@ def test_trials_store_their_metrics():
 
 
 class RacingSchema:
-    """Stands in for RDBStorage: fails like a worker that lost the race to create the schema."""
+    """Stands in for the SQL storage: fails like a worker that lost the race to create the schema."""
 
     def __init__(self, failures: int):
         self.failures = failures
@@ -176,7 +179,7 @@ class RacingSchema:
 def test_a_worker_that_loses_the_schema_race_retries(monkeypatch):
     monkeypatch.setattr("abliterate.study.time.sleep", lambda seconds: None)
     racing = RacingSchema(failures=2)
-    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr("abliterate.study.HeartbeatStorage", racing)
     assert isinstance(open_storage("postgresql+psycopg://db/study"), optuna.storages.InMemoryStorage)
     assert racing.calls == 3
 
@@ -184,9 +187,28 @@ def test_a_worker_that_loses_the_schema_race_retries(monkeypatch):
 def test_a_database_that_keeps_failing_is_one_clear_error(monkeypatch):
     monkeypatch.setattr("abliterate.study.time.sleep", lambda seconds: None)
     racing = RacingSchema(failures=100)
-    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr("abliterate.study.HeartbeatStorage", racing)
     with pytest.raises(
         UserError, match=r"cannot open storage 'postgresql\+psycopg://db/study': .*already exists"
     ):
         open_storage("postgresql+psycopg://db/study", attempts=3)
     assert racing.calls == 3
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed(tmp_path, monkeypatch):
+    # study.ask() creates a running trial without the heartbeat thread that optimize() starts:
+    # exactly what a worker killed between the two leaves behind.
+    storage = open_storage(f"sqlite:///{tmp_path / 'db'}")
+    study = optuna.create_study(storage=storage, directions=["minimize"] * 2)
+    orphan, beating = study.ask(), study.ask()
+    storage.record_heartbeat(beating._trial_id)
+    fail_stale_trials(study)
+    assert storage.get_trial(orphan._trial_id).state == TrialState.RUNNING, "failed within the grace period"
+
+    monkeypatch.setattr(storage, "grace_period", 0)
+    time.sleep(0.01)
+    fail_stale_trials(study)
+    assert storage.get_trial(orphan._trial_id).state == TrialState.FAIL
+    # A heartbeat is stale only once older than the grace period, by the database's clock (whole
+    # seconds in SQLite): this fresh one is not yet.
+    assert storage.get_trial(beating._trial_id).state == TrialState.RUNNING

@@ -33,7 +33,6 @@ from abliterate import workers
 from abliterate.checkpoint import safetensors_files
 from abliterate.components import COMPONENTS, EditableModel, find_components
 from abliterate.directions import capture_residuals, refusal_directions
-from abliterate.errors import UserError
 from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers
 from abliterate.export import (
     ModelCard,
@@ -331,8 +330,7 @@ def export(session: Session, trial, command: str) -> Path:
 def _export_merged(session: Session, trial, card: ModelCard) -> Path:
     """Adapter runs never touch the weights: merge the edit into the model's own files and save that."""
     folder, row_norm = session.model.folder, session.settings.row_norm
-    if folder is None:
-        raise UserError("saving an adapter run needs the model's files on disk")
+    assert folder is not None, "make_editor refuses adapter runs without the model's files"
     edits = trial_edits(session, trial)
     if safetensors_files(folder):
         return save_merged(

@@ -411,6 +411,10 @@ def make_editor(
     verify: bool = False,
 ) -> Editor:
     if strategy == "adapter":
+        if folder is None:  # found now, not after the study: the save merges the edit into those files
+            raise UserError(
+                "--reset adapter saves by editing the model's files, but none are on disk; download the model first"
+            )
         return AdapterEditor(model, editable)
     if strategy == "gpu-cache":
         restorer: Restorer = LayerCache(editable)

@@ -20,9 +20,11 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import optuna
 import torch
+from optuna.storages._rdb import models as optuna_tables
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import DBAPIError
 
@@ -173,6 +175,34 @@ def _synchronize() -> None:
 # -- storage -------------------------------------------------------------------------------------
 
 
+class HeartbeatStorage(optuna.storages.RDBStorage):
+    """Optuna's SQL storage, which also fails trials whose worker died before their first heartbeat.
+
+    Optuna creates a trial, then starts the thread that beats for it. A worker killed between the
+    two leaves a running trial with no heartbeat at all, which Optuna never counts as stale: the
+    other workers would wait for its slot forever. Such a trial, once older than the grace period,
+    is stale too (a live worker beats within moments of creating its trial).
+    """
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        # datetime_start reads as local time, stamped by the worker that created the trial.
+        grace = (
+            2 * self.heartbeat_interval if self.grace_period is None else self.grace_period
+        )  # Optuna's rule
+        cutoff = datetime.now() - timedelta(seconds=grace)
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        old = [trial._trial_id for trial in running if trial.datetime_start and trial.datetime_start < cutoff]
+        if not old:
+            return stale
+        heartbeat = optuna_tables.TrialHeartbeatModel
+        with self.scoped_session() as session:
+            beating = {
+                row.trial_id for row in session.query(heartbeat.trial_id).filter(heartbeat.trial_id.in_(old))
+            }
+        return stale + [trial_id for trial_id in old if trial_id not in beating]
+
+
 def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
     """An Optuna storage from a URL; `journal:PATH` gives a file journal safe for several processes."""
     if url.startswith("journal:"):
@@ -181,7 +211,7 @@ def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
         return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:") :]))
     for attempt in itertools.count(1):
         try:
-            return optuna.storages.RDBStorage(
+            return HeartbeatStorage(
                 url,
                 heartbeat_interval=HEARTBEAT_SECONDS,
                 grace_period=3 * HEARTBEAT_SECONDS,
@@ -254,7 +284,7 @@ def run_study(
             if sum(trial.state == TrialState.COMPLETE for trial in live) >= n_trials:
                 break
             if len(live) >= n_trials:  # the last slots are taken by other workers' running trials
-                _fail_stale_trials(study)
+                fail_stale_trials(study)
                 time.sleep(poll_seconds)
                 continue
             study.optimize(
@@ -273,7 +303,7 @@ def run_study(
         )
 
 
-def _fail_stale_trials(study: optuna.Study) -> None:
+def fail_stale_trials(study: optuna.Study) -> None:
     """Mark trials of workers that stopped sending heartbeats as failed (storages with heartbeats only)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
