@@ -97,6 +97,16 @@ def check_word_range(name: str, lines: list[str], lo: int, hi: int) -> None:
             err(f"{name}:{i}: {n} words (expected {lo}-{hi}): {line!r}")
 
 
+def read_phrase_file(name: str, count: int, words: tuple[int, int]) -> list[str]:
+    """A file of distinct phrases: `count` lines of `words` (low, high) words each."""
+    lines = read_lines(DEMO / name)
+    if len(lines) != count:
+        err(f"{name}: {len(lines)} lines, expected {count}")
+    check_unique(name, lines)
+    check_word_range(name, lines, *words)
+    return lines
+
+
 def check_unique(name: str, lines: list[str]) -> None:
     seen: dict[str, int] = {}
     for i, line in enumerate(lines, 1):
@@ -183,22 +193,14 @@ def main() -> int:
         answers_seen.setdefault(key, i)
 
     # ---- refusals ----
-    refusals = read_lines(DEMO / "refusals.txt")
-    if len(refusals) != N_REFUSALS:
-        err(f"refusals.txt: {len(refusals)} lines, expected {N_REFUSALS}")
-    check_unique("refusals.txt", refusals)
-    check_word_range("refusals.txt", refusals, *REFUSAL_WORDS)
+    refusals = read_phrase_file("refusals.txt", N_REFUSALS, REFUSAL_WORDS)
     for i, line in enumerate(refusals, 1):
         low = norm(line).lower()
         if not any(m in low for m in REFUSAL_MARKERS):
             err(f"refusals.txt:{i}: no refusal marker: {line!r}")
 
     # ---- compliant openers ----
-    openers = read_lines(DEMO / "compliant_openers.txt")
-    if len(openers) != N_OPENERS:
-        err(f"compliant_openers.txt: {len(openers)} lines, expected {N_OPENERS}")
-    check_unique("compliant_openers.txt", openers)
-    check_word_range("compliant_openers.txt", openers, *OPENER_WORDS)
+    openers = read_phrase_file("compliant_openers.txt", N_OPENERS, OPENER_WORDS)
     for i, line in enumerate(openers, 1):
         check_forbidden("compliant_openers.txt", i, line)
 
