@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
 import copy
 import functools
+import random
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from torch import nn
+
+from abliterate.reset import Edit
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
@@ -150,3 +153,33 @@ def save_tiny_model(folder: Path, architecture: str = "llama") -> Path:
 def tiny_model_folder(tmp_path_factory) -> Path:
     """A tiny Llama with its tokenizer on disk, shared by the tests that only read it."""
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+# -- editing and restoring (shared by the CPU and CUDA reset tests) --
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+
+
+def assert_identical(model, original: dict[str, torch.Tensor]) -> None:
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, original[name]), name
+
+
+def random_edits(num_layers: int, hidden: int, rng: random.Random, layers=None) -> list[Edit]:
+    layers = range(num_layers) if layers is None else layers
+    edits = []
+    for layer in layers:
+        for component in ("attn", "mlp"):
+            if rng.random() < 0.7:
+                direction = torch.randn(hidden, generator=torch.Generator().manual_seed(rng.randrange(10**6)))
+                edits.append(Edit(layer, component, direction, rng.uniform(0.5, 1.5)))
+    return edits or [Edit(0, "mlp", torch.ones(hidden), 1.0)]
+
+
+def saved(model, tmp_path):
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

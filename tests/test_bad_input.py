@@ -69,6 +69,20 @@ def write_not_a_model(tmp: Path) -> None:
     (tmp / "not-a-model" / "weights.bin").write_bytes(b"\0")
 
 
+def write_weightless_model(tmp: Path) -> None:
+    folder = tmp / "weightless"
+    tiny_model("llama").config.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+
+
+def write_earlier_result(tmp: Path) -> None:
+    """An output folder whose saved model is now the source: abliterating a result again."""
+    folder = tmp / "earlier" / "model"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    (tmp / "earlier" / ".abliterate").write_text("")
+
+
 def write_untemplated_model(tmp: Path) -> None:
     folder = tmp / "no-template"
     tiny_model("llama").save_pretrained(folder)
@@ -155,6 +169,17 @@ CASES = [
          setup="write_not_ours_output"),
     Case("output inside the source model", ["--model", "{model}", *FAST, "--output", "{model}/abliterated"],
          "--output {model}/abliterated is inside the source model folder {model}; choose a folder outside it"),
+    Case("output that holds the source model", ["--model", "{tmp}/earlier/model", *FAST, "--output", "{tmp}/earlier"],
+         "the source model {tmp}/earlier/model is inside --output {tmp}/earlier; choose an --output outside it",
+         setup="write_earlier_result"),
+    Case("workers with the output inside the source model", ["--model", "{model}", "--workers", "2", "--output", "{model}/out"],
+         "--output {model}/out is inside the source model folder {model}; choose a folder outside it"),
+    Case("model folder without weights", ["--model", "{tmp}/weightless", *FAST],
+         "cannot load the weights of {tmp}/weightless: Error no file named model.safetensors, or pytorch_model.bin, found in directory {tmp}/weightless.", setup="write_weightless_model"),
+    Case("gpus without workers", ["--gpus", "0,1"],
+         "--gpus picks the GPUs of --workers N (N > 1); for one run use --device-map cuda:K", 2),
+    Case("upload with nothing saved", ["--push-to-hub", "me/x", "--select", "none"],
+         "--push-to-hub uploads the saved model, but --select none saves none; pick a trial", 2),
     Case("upload to a malformed repo id", ["--model", "{model}", "--push-to-hub", "me/tiny/extra"],
          "--push-to-hub 'me/tiny/extra' is not a Hugging Face repo id; use user/name"),
     Case("upload while offline", ["--model", "{model}", "--push-to-hub", "me/tiny-abliterated"],

@@ -14,7 +14,7 @@ import transformers
 from conftest import save_tiny_model, tiny_model, tiny_tokenizer
 
 from abliterate.cli import main
-from abliterate.export import ModelCard
+from abliterate.export import ModelCard, clean_partials
 from abliterate.model import ChatModel, left_pad, load_chat_model
 from abliterate.pipeline import ask_selection
 
@@ -127,6 +127,59 @@ def test_rerun_with_more_trials_continues_the_study(model, tmp_path, monkeypatch
     assert main(argv) == 0
     assert main([*argv, "--n-trials", "3"]) == 0
     assert "resuming study 'tiny': 2 of 3 trials finished" in capsys.readouterr().err
+
+
+def test_a_study_continued_with_other_scoring_settings_is_refused(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", str(model), *FAST, "--select", "none", "--output", str(tmp_path / "o")]
+    assert main(argv) == 0
+    assert main([*argv, "--n-trials", "3", "--row-norm", "full", "--max-response-length", "5"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "abliterate: error: study 'tiny' was scored with --max-response-length '4' (now '5'), "
+        "--row-norm 'none' (now 'full'); give the same values to continue it, or pass another --study-name"
+    )
+
+
+def test_the_saved_tokenizer_is_the_models_own(tmp_path, monkeypatch):
+    """The study pads on the left and may invent a pad token; the saved model keeps the original's choices."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "right-padded"
+    tiny_model("llama").save_pretrained(folder)
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = "right"
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    assert main(["--model", str(folder), *FAST, "--select", "trial:0", "--output", str(tmp_path / "o")]) == 0
+    saved = transformers.AutoTokenizer.from_pretrained(tmp_path / "o" / "model")
+    assert saved.padding_side == "right" and saved.pad_token is None
+    assert saved.chat_template == tokenizer.chat_template
+
+
+def test_a_save_interrupted_between_its_two_renames_gets_the_earlier_model_back(tmp_path):
+    retired = tmp_path / ".model.old-abc123" / "model"
+    retired.mkdir(parents=True)
+    (retired / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / ".model.partial-def456").mkdir()
+    clean_partials(tmp_path)
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == b"weights"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_model_folder_may_be_written_with_a_tilde_or_a_trailing_slash(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    argv = [*FAST, "--select", "none", "--output", str(tmp_path / "o")]
+    assert main(["--model", "~/tiny", *argv]) == 0
+    assert main(["--model", "tiny/", *argv, "--n-trials", "3"]) == 0  # the same model: the study goes on
+    assert "resuming study 'tiny': 2 of 3 trials finished" in capsys.readouterr().err
+
+
+def test_the_chat_puts_the_system_prompt_first():
+    chat = ChatModel(None, tiny_tokenizer(), "tiny", None, system_prompt="Be brief.")
+    text = chat.format_conversation(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    )
+    assert text.startswith("<|system|>Be brief.<|end|><|user|>hi") and text.endswith("<|assistant|>")
 
 
 def test_a_tokenizer_without_pad_token_pads_with_end_of_sequence():

@@ -6,7 +6,14 @@ import random
 import pytest
 import torch
 import transformers
-from conftest import MOE_ARCHITECTURES, tiny_model, tiny_tokenizer
+from conftest import (
+    MOE_ARCHITECTURES,
+    assert_identical,
+    random_edits,
+    saved,
+    snapshot,
+    tiny_model,
+)
 from safetensors.torch import load_file, save_file
 
 from abliterate.components import find_components
@@ -32,33 +39,6 @@ def state_hash(model) -> str:
         digest.update(name.encode())
         digest.update(parameter.detach().double().numpy().tobytes())
     return digest.hexdigest()
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
-
-
-def assert_identical(model, original: dict[str, torch.Tensor]) -> None:
-    for name, parameter in model.named_parameters():
-        assert torch.equal(parameter, original[name]), name
-
-
-def random_edits(num_layers: int, hidden: int, rng: random.Random, layers=None) -> list[Edit]:
-    layers = range(num_layers) if layers is None else layers
-    edits = []
-    for layer in layers:
-        for component in ("attn", "mlp"):
-            if rng.random() < 0.7:
-                direction = torch.randn(hidden, generator=torch.Generator().manual_seed(rng.randrange(10**6)))
-                edits.append(Edit(layer, component, direction, rng.uniform(0.5, 1.5)))
-    return edits or [Edit(0, "mlp", torch.ones(hidden), 1.0)]
-
-
-def saved(model, tmp_path):
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def editor_for(strategy: str, architecture: str, tmp_path):

@@ -1,5 +1,9 @@
 """Search space, edits from parameters, and choosing a trial."""
 
+import os
+import socket
+import subprocess
+import sys
 import time
 
 import optuna
@@ -18,6 +22,8 @@ from abliterate.study import (
     fail_stale_trials,
     knee,
     open_storage,
+    open_study,
+    pin_scoring,
     run_study,
     select_trial,
 )
@@ -38,7 +44,7 @@ def params(scope="global", **overrides):
 
 def test_edits_follow_the_kernels():
     directions = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
-    edits = edits_from_params(params(), directions, ("attn", "mlp"), "search")
+    edits = edits_from_params(params(), directions)
     by_key = {(edit.layer, edit.component): edit for edit in edits}
     assert {layer for layer, component in by_key if component == "attn"} == {2, 3, 4}
     assert by_key[(3, "attn")].weight == pytest.approx(1.0)
@@ -54,8 +60,21 @@ def test_edits_follow_the_kernels():
 
 def test_per_layer_scope_uses_each_layers_direction():
     directions = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
-    for edit in edits_from_params(params("per-layer"), directions, ("attn", "mlp"), "search"):
+    for edit in edits_from_params(params("per-layer"), directions):
         assert torch.equal(edit.direction, directions[edit.layer])
+
+
+@pytest.mark.parametrize("scope", ["global", "per-layer"])
+def test_a_trial_of_a_fixed_scope_rebuilds_its_own_edits(scope):
+    """Stored parameters say their scope and components; no flag of a later command changes them."""
+    directions = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    trial = study.ask()
+    stored = SearchSpace(num_layers=6, components=("mlp",), direction_scope=scope).sample(trial)
+    edits = edits_from_params(stored, directions)
+    assert edits and {edit.component for edit in edits} == {"mlp"}
+    per_layer = all(torch.equal(edit.direction, directions[edit.layer]) for edit in edits)
+    assert per_layer == (scope == "per-layer")
 
 
 def test_search_space_suggests_every_parameter():
@@ -212,3 +231,51 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed(tmp_path
     # A heartbeat is stale only once older than the grace period, by the database's clock (whole
     # seconds in SQLite): this fresh one is not yet.
     assert storage.get_trial(beating._trial_id).state == TrialState.RUNNING
+
+
+def test_workers_that_open_the_study_together_draw_different_trials(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db'}"
+    space = SearchSpace(num_layers=8)
+    first, second = (
+        open_study(open_storage(url), "s", seed=0, n_startup_trials=10, model_source="m") for _ in range(2)
+    )
+    drawn = [space.sample(first.ask()), space.sample(second.ask())]
+    assert drawn[0] != drawn[1], "both workers drew the same start-up trial"
+    # The draws follow the seed and the trial number: a rerun of the study repeats them.
+    again = open_study(open_storage(f"sqlite:///{tmp_path / 'db2'}"), "s", 0, 10, "m")
+    assert space.sample(again.ask()) == drawn[0]
+    other_seed = open_study(open_storage(f"sqlite:///{tmp_path / 'db3'}"), "s", 1, 10, "m")
+    assert space.sample(other_seed.ask()) != drawn[0]
+
+
+def test_a_study_resumed_with_other_scoring_settings_is_refused():
+    study = optuna.create_study(directions=["minimize", "minimize"], study_name="s")
+    pin_scoring(study, {"--row-norm": "pre", "--harmful-eval": "100 items, sha256 abc"})
+    pin_scoring(study, {"--row-norm": "pre", "--harmful-eval": "100 items, sha256 abc"})  # same: fine
+    with pytest.raises(
+        UserError, match=r"^study 's' was scored with --row-norm 'pre' \(now 'full'\); give the same"
+    ):
+        pin_scoring(study, {"--row-norm": "full", "--harmful-eval": "100 items, sha256 abc"})
+    # A setting that a study from an older version did not record is accepted.
+    pin_scoring(study, {"--row-norm": "pre", "--harmful-eval": "100 items, sha256 abc", "--new": "x"})
+
+
+def test_a_trial_left_running_by_a_dead_process_of_this_machine_is_failed(tmp_path):
+    """The journal storage has no heartbeat: a killed run's orphan is found by its process id."""
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "journal")))
+    study = optuna.create_study(storage=storage, directions=["minimize", "minimize"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan, alive, foreign = study.ask(), study.ask(), study.ask()
+    orphan.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
+    alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    foreign.set_user_attr("worker", f"another-host:{dead.pid}")
+    fail_stale_trials(study)
+    states = {trial.number: trial.state for trial in study.get_trials()}
+    assert states == {
+        orphan.number: TrialState.FAIL,
+        alive.number: TrialState.RUNNING,
+        foreign.number: TrialState.RUNNING,
+    }

@@ -82,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Nothing leaves the machine unless the user asks for it: no usage reports to the hub.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # Known before the settings load, so that a settings error can show its traceback too.
     debug = "--debug" in argv or os.environ.get("ABLITERATE_DEBUG", "").lower() in ("1", "true")
     try:
         settings = parse_settings(argv)
+        debug = debug or settings.debug  # `debug = true` in the config file
         from abliterate.pipeline import run  # heavy imports (torch, transformers) only once flags are valid
 
         run(settings)

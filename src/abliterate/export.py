@@ -32,13 +32,17 @@ MODEL_FOLDER = "model"
 
 
 def prepare_output(output: Path, source_folder: Path | None) -> None:
-    """Create the output folder, or accept it if it is ours; never inside the source model."""
+    """Create the output folder, or accept it if it is ours; the source model and it never overlap."""
     output = output.resolve()
     if source_folder is not None:
         source = source_folder.resolve()
         if output == source or source in output.parents:
             raise UserError(
                 f"--output {output} is inside the source model folder {source}; choose a folder outside it"
+            )
+        if output in source.parents:  # re-abliterating a saved result: its save would replace the source
+            raise UserError(
+                f"the source model {source} is inside --output {output}; choose an --output outside it"
             )
     if output.exists():
         if not output.is_dir():
@@ -187,14 +191,23 @@ def _save(write_weights: Callable[[Path], None], tokenizer, output: Path, card: 
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(partial, final)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(error, OSError):  # a full disk, a read-only folder
+            raise UserError(
+                f"cannot save the model in {output}: {error.strerror or error}; the study is kept: "
+                "rerun the same command to save again"
+            ) from None
         raise
     return final
 
 
 def clean_partials(output: Path) -> None:
-    """Remove what an interrupted save left behind."""
+    """Remove what an interrupted save left behind; a saved model it had just set aside goes back."""
+    final = output / MODEL_FOLDER
+    for retired in output.glob(f".{MODEL_FOLDER}.old-*"):
+        if not final.exists() and (retired / MODEL_FOLDER).is_dir():
+            os.replace(retired / MODEL_FOLDER, final)
     for leftover in output.glob(f".{MODEL_FOLDER}.*-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 

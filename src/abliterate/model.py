@@ -7,6 +7,7 @@ residuals at the last prompt token, next-token log-probabilities, and greedy gen
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -43,6 +44,9 @@ class ChatModel:
     source: str  # what the user asked for: hub id or folder
     folder: Path | None  # local folder holding the weights, when there is one
     system_prompt: str | None = None
+    # The tokenizer as the model ships it (with any --chat-template): what a saved model gets.
+    # `tokenizer` itself pads on the left, as batched generation needs.
+    tokenizer_as_loaded: transformers.PreTrainedTokenizerBase | None = None
 
     @property
     def name(self) -> str:
@@ -52,6 +56,10 @@ class ChatModel:
     def hub_id(self) -> str | None:
         """The Hugging Face Hub id the model was loaded by; None for a local folder."""
         return None if Path(self.source).expanduser().is_dir() else self.source
+
+    @property
+    def tokenizer_to_save(self) -> transformers.PreTrainedTokenizerBase:
+        return self.tokenizer_as_loaded or self.tokenizer
 
     @property
     def input_device(self) -> torch.device:
@@ -64,9 +72,12 @@ class ChatModel:
     # -- formatting and tokenization -------------------------------------------------------
 
     def format(self, prompt: str) -> str:
-        messages = [{"role": "user", "content": prompt}]
+        return self.format_conversation([{"role": "user", "content": prompt}])
+
+    def format_conversation(self, messages: list[dict[str, str]]) -> str:
+        """The chat template applied to `messages`, after the system prompt if there is one."""
         if self.system_prompt:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def encode(self, prompts: Sequence[str], batch_size: int) -> list[Batch]:
@@ -187,24 +198,27 @@ def load_chat_model(
     `quantization="bnb-4bit"` loads the weights as 4-bit NF4 (bitsandbytes), computing in the dtype.
     """
     source = source or str(demo_model_path())
-    folder = _local_folder(source)
+    folder = local_folder(source)
+    load_from = str(folder) if folder else source  # transformers does not expand ~
     if quantization == "bnb-4bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("--quantization bnb-4bit needs bitsandbytes: pip install 'abliterate[quantization]'")
-    config = _load_config(source, trust_remote_code)
+    config = _load_config(load_from, trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:
         # Neither its weights nor its files can carry the edit: there would be nothing to save.
         raise UserError(
             f"{model_name(source)} is stored quantized; abliterate merges its edit into full-precision "
             "weights: use the original model (with --quantization bnb-4bit to load it in 4-bit)"
         )
-    tokenizer = _load_tokenizer(source, trust_remote_code, chat_template)
+    tokenizer = _load_tokenizer(load_from, trust_remote_code, chat_template)
+    tokenizer_as_loaded = copy.deepcopy(tokenizer)
+    left_pad(tokenizer)
     model = None
     errors = []
     for dtype in dtypes:
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                source,
+                load_from,
                 config=config,
                 dtype=torch_dtype,
                 device_map=None if device_map == "none" else device_map,
@@ -214,6 +228,8 @@ def load_chat_model(
             break
         except (RuntimeError, TypeError, ValueError) as error:  # an unsupported dtype on this device
             errors.append(f"{dtype}: {str(error).splitlines()[0]}")
+        except OSError as error:  # no weights, or unreadable ones: no other dtype will do better
+            raise UserError(f"cannot load the weights of {source}: {str(error).splitlines()[0]}") from None
     if model is None:
         raise UserError(
             f"cannot load {source} with any of the dtypes {', '.join(dtypes)} ({'; '.join(errors)})"
@@ -223,7 +239,12 @@ def load_chat_model(
     if folder is None:
         folder = _hub_snapshot(source)
     return ChatModel(
-        model=model, tokenizer=tokenizer, source=source, folder=folder, system_prompt=system_prompt
+        model=model,
+        tokenizer=tokenizer,
+        source=source,
+        folder=folder,
+        system_prompt=system_prompt,
+        tokenizer_as_loaded=tokenizer_as_loaded,
     )
 
 
@@ -240,7 +261,10 @@ def _quantization_config(
     )
 
 
-def _local_folder(source: str) -> Path | None:
+def local_folder(source: str | None) -> Path | None:
+    """The model folder `source` names, resolved; None for a hub id. A path that is no model is an error."""
+    if source is None:
+        return demo_model_path()
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -303,7 +327,6 @@ def _load_tokenizer(source: str, trust_remote_code: bool, chat_template: Path | 
         raise UserError(
             f"the tokenizer of {source!r} has no chat template; pass one with --chat-template FILE (Jinja)"
         )
-    left_pad(tokenizer)
     return tokenizer
 
 

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from abliterate import workers
 from abliterate.checkpoint import safetensors_files
-from abliterate.components import COMPONENTS, EditableModel, find_components
+from abliterate.components import EditableModel, find_components
 from abliterate.directions import capture_residuals, refusal_directions
 from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers
 from abliterate.export import (
@@ -43,7 +43,7 @@ from abliterate.export import (
     save_model,
     upload,
 )
-from abliterate.model import DEMO_MODEL_NAME, ChatModel, load_chat_model, model_name
+from abliterate.model import DEMO_MODEL_NAME, ChatModel, load_chat_model, local_folder, model_name
 from abliterate.prompts import load_prompts
 from abliterate.reset import AdapterEditor, Edit, Editor, apply_edit, choose_strategy, describe, make_editor
 from abliterate.settings import Settings, is_selection
@@ -55,6 +55,7 @@ from abliterate.study import (
     open_storage,
     open_study,
     pareto_front,
+    pin_scoring,
     run_study,
     select_trial,
 )
@@ -93,7 +94,7 @@ def run(settings: Settings, console: Console | None = None, command: str | None 
         check_upload(settings.push_to_hub)
     if settings.workers > 1:
         output, storage_url, study_name = study_location(settings)
-        prepare_output(output, None)
+        prepare_output(output, local_folder(settings.model))
         console.print(f"starting {settings.workers} workers on study {study_name!r} in {storage_url}")
         workers.launch(settings, storage_url, study_name, output)
     session = prepare(settings, console)
@@ -134,6 +135,7 @@ def prepare(settings: Settings, console: Console) -> Session:
     study = open_study(
         open_storage(storage_url), study_name, settings.seed, settings.n_startup_trials, model.source
     )
+    pin_scoring(study, scoring(settings, model, prompts, detector))
 
     batch_size = settings.batch_size or model.auto_batch_size(
         max(len(model.tokenizer(model.format(p)).input_ids) for p in prompts["harmful_eval"]),
@@ -153,9 +155,9 @@ def prepare(settings: Settings, console: Console) -> Session:
         batch_size,
         settings.max_response_length,
     )
-    if "baseline_refusals" not in study.user_attrs:
-        study.set_user_attr("baseline_refusals", evaluator.count_refusals())
+    if "baseline_refusals" not in study.user_attrs:  # written last: its presence means both are there
         study.set_user_attr("eval_prompts", len(prompts["harmful_eval"]))
+        study.set_user_attr("baseline_refusals", evaluator.count_refusals())
     console.print(
         f"original model: {study.user_attrs['baseline_refusals']}/{len(prompts['harmful_eval'])} refusals"
     )
@@ -167,10 +169,31 @@ def prepare(settings: Settings, console: Console) -> Session:
         model.model,
         editable,
         model.folder,
-        reload=lambda: _reload(model),
+        reload=lambda: _reload(model, settings.trust_remote_code),
         verify=settings.verify_restore,
     )
     return Session(settings, model, editable, study, directions, evaluator, editor, output)
+
+
+def scoring(
+    settings: Settings, model: ChatModel, prompts: dict[str, list[str]], detector: RefusalDetector
+) -> dict[str, str]:
+    """What a trial's scores depend on, beyond its parameters (see `pin_scoring`)."""
+
+    def digest(items: list[str]) -> str:
+        return f"{len(items)} items, sha256 {hashlib.sha256(chr(10).join(items).encode()).hexdigest()[:12]}"
+
+    return {
+        "--harmful-eval": digest(prompts["harmful_eval"]),
+        "--harmless-eval": digest(prompts["harmless_eval"]),
+        "--refusal-markers": digest(list(detector.markers)),
+        "--max-response-length": str(settings.max_response_length),
+        "--system-prompt": settings.system_prompt or "",
+        "chat template": digest([str(model.tokenizer.chat_template)]),
+        "--row-norm": settings.row_norm,
+        "--direction-scope": settings.direction_scope,
+        "--quantization": settings.quantization,
+    }
 
 
 def study_location(settings: Settings) -> tuple[Path, str, str]:
@@ -215,9 +238,9 @@ def _stored_directions(study) -> torch.Tensor | None:
     return torch.frombuffer(raw, dtype=torch.float32).reshape(stored["shape"])
 
 
-def _reload(model: ChatModel) -> torch.nn.Module:
+def _reload(model: ChatModel, trust_remote_code: bool) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_pretrained(
-        model.folder or model.source, dtype=model.dtype, device_map="cpu"
+        model.folder or model.source, dtype=model.dtype, device_map="cpu", trust_remote_code=trust_remote_code
     )
 
 
@@ -298,7 +321,7 @@ def ask_selection(front) -> str:
 
 
 def trial_edits(session: Session, trial) -> list[Edit]:
-    return edits_from_params(trial.params, session.directions, COMPONENTS, session.settings.direction_scope)
+    return edits_from_params(trial.params, session.directions)
 
 
 def apply_trial(session: Session, trial) -> None:
@@ -322,7 +345,7 @@ def export(session: Session, trial, command: str) -> Path:
         return _export_merged(session, trial, card)
     apply_trial(session, trial)
     try:
-        return save_model(session.model.model, session.model.tokenizer, session.output, card)
+        return save_model(session.model.model, session.model.tokenizer_to_save, session.output, card)
     finally:
         session.editor.reset()
 
@@ -334,14 +357,16 @@ def _export_merged(session: Session, trial, card: ModelCard) -> Path:
     edits = trial_edits(session, trial)
     if safetensors_files(folder):
         return save_merged(
-            folder, session.editable, edits, row_norm, session.model.tokenizer, session.output, card
+            folder, session.editable, edits, row_norm, session.model.tokenizer_to_save, session.output, card
         )
     # Older checkpoints (pytorch_model.bin): load a full-precision copy on the CPU and edit that.
-    full = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map="cpu")
+    full = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype="auto", device_map="cpu", trust_remote_code=session.settings.trust_remote_code
+    )
     editable = find_components(full)
     for edit in edits:
         apply_edit(editable, edit, row_norm)
-    return save_model(full, session.model.tokenizer, session.output, card)
+    return save_model(full, session.model.tokenizer_to_save, session.output, card)
 
 
 def chat(model: ChatModel, console: Console) -> None:
@@ -355,7 +380,7 @@ def chat(model: ChatModel, console: Console) -> None:
         if not line:
             break
         history.append({"role": "user", "content": line})
-        text = model.tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+        text = model.format_conversation(history)
         batch = model.tokenizer([text], return_tensors="pt", add_special_tokens=False).to(model.input_device)
         reply = model.generate(dict(batch), max_new_tokens=256)[0].strip()
         history.append({"role": "assistant", "content": reply})

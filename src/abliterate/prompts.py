@@ -3,6 +3,10 @@
 Every source yields a list of non-empty strings. A split is a name plus an optional slice in the
 `datasets` syntax (`train`, `eval[:50]`, `train[100:300]`); slices are applied here, the same way
 for every source, and a slice that reaches past the end is an error rather than silently short.
+
+Blank lines of a text file are skipped, but a null or blank cell of a table (jsonl, csv, parquet,
+dataset) that the split selects is an error: it means broken data, which users should notice
+rather than get the prompt "None" or rows silently dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +26,20 @@ BUILTIN_SETS = ("harmful", "harmless")
 BUILTIN_SPLITS = ("train", "eval")
 FILE_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 
-_SPLIT = re.compile(r"^(?P<name>[A-Za-z0-9_.-]*)(?:\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
+# A bound is empty or an integer: `-?\d*` would let a lone minus through to int() (`train[-:5]`).
+_SPLIT = re.compile(r"^(?P<name>[A-Za-z0-9_.-]*)(?:\[(?P<start>(?:-?\d+)?):(?P<stop>(?:-?\d+)?)\])?$")
+
+
+@dataclass(frozen=True)
+class _Missing:
+    """A null or blank table cell. It stands in the rows until the split is applied, so that only
+    a broken cell the split selects is an error, and row numbers are those of the source."""
+
+    place: str  # for example "prompts.jsonl line 7"
+    column: str
+
+
+_Row = str | _Missing
 
 
 @dataclass(frozen=True)
@@ -41,7 +58,7 @@ class Split:
         start, stop = match["start"], match["stop"]
         return cls(match["name"], int(start) if start else None, int(stop) if stop else None)
 
-    def apply(self, rows: list[str], what: str) -> list[str]:
+    def apply(self, rows: list[_Row], what: str) -> list[_Row]:
         for bound in (self.start, self.stop):
             if bound is not None and abs(bound) > len(rows):
                 raise UserError(
@@ -60,6 +77,12 @@ def load_prompts(spec: PromptSet, what: str) -> list[str]:
     else:
         rows = _load_dataset(spec.source, split.name, spec.column, what)
     rows = split.apply(rows, what)
+    missing = next((row for row in rows if isinstance(row, _Missing)), None)
+    if missing is not None:
+        raise UserError(
+            f"{what}: {missing.place} has no text in column {missing.column!r}; fill it in, remove the row "
+            "or choose a split that leaves it out"
+        )
     if not rows:
         raise UserError(f"{what}: no prompts in {spec.source} (split {spec.split!r})")
     return rows
@@ -79,13 +102,13 @@ def _load_builtin(name: str, split: str, what: str) -> list[str]:
     return _non_empty(text.splitlines())
 
 
-def _load_file(path: Path, column: str, what: str) -> list[str]:
+def _load_file(path: Path, column: str, what: str) -> list[_Row]:
     if not path.is_file():
         raise UserError(f"{what}: prompt file {path} does not exist")
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
-            return _non_empty(_parquet_column(path, column, what))
+            return _parquet_column(path, column, what)
         text = path.read_text("utf-8")
     except UnicodeDecodeError:
         raise UserError(
@@ -100,27 +123,35 @@ def _load_file(path: Path, column: str, what: str) -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise UserError(f"{what}: {path} line {number} is not valid JSON ({error.msg})") from None
-            rows.append(_column(record, column, path, what))
-        return _non_empty(rows)
+            rows.append(_column(record, column, f"{path} line {number}", what))
+        return rows
     if suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
         if column not in (reader.fieldnames or []):
             raise UserError(
                 f"{what}: {path} has no column {column!r} (columns: {', '.join(reader.fieldnames or [])})"
             )
-        return _non_empty(row[column] for row in reader)
+        # DictReader skips blank lines; `line_num` is the line a row ends on, as an editor counts.
+        return [_cell_text(row[column], column, f"{path} line {reader.line_num}") for row in reader]
     return _non_empty(text.splitlines())
 
 
-def _column(record: object, column: str, path: Path, what: str) -> str:
+def _column(record: object, column: str, place: str, what: str) -> _Row:
     if not isinstance(record, dict) or column not in record:
         raise UserError(
-            f"{what}: {path} has a row without the column {column!r}; choose it with --{what.lstrip('-')}-column"
+            f"{what}: {place} has no column {column!r}; choose it with --{what.lstrip('-')}-column"
         )
-    return str(record[column])
+    return _cell_text(record[column], column, place)
 
 
-def _parquet_column(path: Path, column: str, what: str) -> list[str]:
+def _cell_text(value: object, column: str, place: str) -> _Row:
+    """The prompt in one cell, stripped; a null or blank cell is kept as `_Missing`, not skipped,
+    so that broken data is noticed."""
+    text = "" if value is None else str(value).strip()
+    return text or _Missing(place, column)
+
+
+def _parquet_column(path: Path, column: str, what: str) -> list[_Row]:
     try:
         import pyarrow.parquet as parquet
     except ImportError:
@@ -128,10 +159,13 @@ def _parquet_column(path: Path, column: str, what: str) -> list[str]:
     table = parquet.read_table(path)
     if column not in table.column_names:
         raise UserError(f"{what}: {path} has no column {column!r} (columns: {', '.join(table.column_names)})")
-    return [str(value) for value in table.column(column).to_pylist()]
+    return [
+        _cell_text(value, column, f"{path} row {index} (counting from 0)")
+        for index, value in enumerate(table.column(column).to_pylist())
+    ]
 
 
-def _load_dataset(dataset_id: str, split: str, column: str, what: str) -> list[str]:
+def _load_dataset(dataset_id: str, split: str, column: str, what: str) -> list[_Row]:
     try:
         import datasets
     except ImportError:
@@ -147,7 +181,10 @@ def _load_dataset(dataset_id: str, split: str, column: str, what: str) -> list[s
         raise UserError(
             f"{what}: dataset {dataset_id!r} has no column {column!r} (columns: {', '.join(data.column_names)})"
         )
-    return _non_empty(str(value) for value in data[column])
+    return [
+        _cell_text(value, column, f"dataset {dataset_id!r} row {index} (counting from 0)")
+        for index, value in enumerate(data[column])
+    ]
 
 
 def _non_empty(rows) -> list[str]:

@@ -372,10 +372,14 @@ def choose_strategy(
 
 
 def _free_device_bytes(device: torch.device) -> int:
+    if device.type != "cuda":  # no portable way to ask other accelerators: keep the cache off them
+        return 0
     return torch.cuda.mem_get_info(device)[0]
 
 
 def _evaluation_headroom(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
     # Generation needs room for the KV cache and activations of a full batch.
     return max(4 * GiB, int(0.15 * torch.cuda.get_device_properties(device).total_memory))
 

@@ -150,6 +150,18 @@ class Settings(BaseSettings):
                     data[name] = {**default, **data[name]}
         return data
 
+    @model_validator(mode="after")
+    def _no_option_without_effect(self) -> Settings:
+        if self.gpus is not None and self.workers == 1:
+            raise ValueError(
+                "--gpus picks the GPUs of --workers N (N > 1); for one run use --device-map cuda:K"
+            )
+        if self.push_to_hub and self.select == "none":
+            raise ValueError(
+                "--push-to-hub uploads the saved model, but --select none saves none; pick a trial"
+            )
+        return self
+
     @field_validator("dtypes", "refusal_markers", "gpus", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
@@ -246,4 +258,6 @@ def describe_validation_error(error: ValidationError, config_file: Path | None) 
     shown = (
         f" (got {given!r})" if isinstance(given, str | int | float) and not isinstance(given, bool) else ""
     )
+    if not location:  # a rule between options: the message names them
+        return message
     return f"{option}: {message}{shown}"

@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import optuna
 import torch
@@ -62,15 +63,20 @@ class SearchSpace:
         return trial.params
 
 
-def edits_from_params(
-    params: dict, directions: torch.Tensor, components: tuple[str, ...], direction_scope: str
-) -> list[Edit]:
-    """The edits a trial's parameters describe: one per (layer, component) with a non-zero weight."""
+def edits_from_params(params: dict, directions: torch.Tensor) -> list[Edit]:
+    """The edits a trial's parameters describe: one per (layer, component) with a non-zero weight.
+
+    The parameters say everything: which components were searched, and the direction scope (a
+    searched scope is a parameter; a fixed global scope leaves a direction index; per-layer, none).
+    So a stored trial rebuilds the same edits whatever flags the command that saves it was given.
+    """
     num_layers = directions.shape[0]
-    scope = params.get("direction_scope", direction_scope)
+    scope = params.get("direction_scope") or ("global" if "direction_index" in params else "per-layer")
     shared = interpolate_direction(directions, params["direction_index"]) if scope == "global" else None
     edits = []
-    for component in components:
+    for component in COMPONENTS:
+        if f"{component}.max_weight" not in params:
+            continue
         max_weight = params[f"{component}.max_weight"]
         kernel = Kernel(
             max_weight=max_weight,
@@ -110,8 +116,9 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         if self.n_trials is not None and _is_surplus(trial, self.n_trials):
             raise optuna.TrialPruned("another worker holds the last slot")
+        trial.set_user_attr("worker", WORKER_ID)  # first: lets a restart on this host spot it orphaned
         params = self.space.sample(trial)
-        edits = edits_from_params(params, self.directions, self.space.components, self.space.direction_scope)
+        edits = edits_from_params(params, self.directions)
         timer = PhaseTimer()
         try:
             with self.interruptible():
@@ -120,7 +127,6 @@ class Objective:
             trial.set_user_attr("fail_reason", str(fault))
             raise
         trial.set_user_attr("seconds", timer.seconds)
-        trial.set_user_attr("worker", WORKER_ID)
         trial.set_user_attr("refusals", scores.refusals)
         trial.set_user_attr("kl", scores.kl)
         trial.set_user_attr("edited_layers", sorted({edit.layer for edit in edits}))
@@ -230,29 +236,73 @@ def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
             raise UserError(f"cannot open storage {url!r}: {str(error).splitlines()[0]}") from None
 
 
+class TrialSeededSampler(optuna.samplers.TPESampler):
+    """TPE whose random draws for each trial are seeded by the study's seed and the trial's number.
+
+    A sampler seeded once per process repeats itself in every worker that opens the study at the
+    same moment: their random start-up trials would be the same points. Seeded per trial, every
+    trial draws differently, and a single-process rerun with the same seed repeats the study.
+    """
+
+    def __init__(self, seed: int, **options):
+        super().__init__(seed=seed, **options)
+        self.seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        super().before_trial(study, trial)
+        trial_seed = (self.seed * 1_000_003 + trial.number) % 2**32
+        self._rng.rng.seed(trial_seed)  # TPE's own draws
+        self._random_sampler._rng.rng.seed(trial_seed)  # the start-up trials' draws
+
+
 def open_study(
-    storage: optuna.storages.BaseStorage, study_name: str, seed: int, n_startup_trials: int, model_name: str
+    storage: optuna.storages.BaseStorage, study_name: str, seed: int, n_startup_trials: int, model_source: str
 ) -> optuna.Study:
     study = optuna.create_study(
         storage=storage, study_name=study_name, directions=["minimize", "minimize"], load_if_exists=True
     )
-    # A resumed study must not replay the random start-up trials it already has: offset the seed.
-    study.sampler = optuna.samplers.TPESampler(
+    study.sampler = TrialSeededSampler(
+        seed,
         n_startup_trials=n_startup_trials,
-        seed=seed + len(study.get_trials(deepcopy=False)),
         multivariate=True,
         constant_liar=True,  # several workers: running trials count as pessimistic results
     )
     stored_model = study.user_attrs.get("model")
     if stored_model is None:
-        study.set_user_attr("model", model_name)
-    elif stored_model != model_name:
+        study.set_user_attr("model", model_source)
+    elif not _same_source(stored_model, model_source):
         raise UserError(
-            f"study {study_name!r} in this storage belongs to model {stored_model!r}, not {model_name!r}; "
+            f"study {study_name!r} in this storage belongs to model {stored_model!r}, not {model_source!r}; "
             "pass another --study-name or --output"
         )
     study.set_metric_names(["refusals", "kl"])
     return study
+
+
+def _same_source(first: str, second: str) -> bool:
+    """One hub id, or one folder however it is written (`models/x`, `models/x/`, `~/models/x`)."""
+    return first == second or Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
+
+
+def pin_scoring(study: optuna.Study, scoring: dict[str, str]) -> None:
+    """Store what trial scores depend on; a resumed study (or another worker) must score the same way.
+
+    `scoring` maps an option to its value, or for a list (the prompts) to a digest of it. Trials
+    scored under other settings would share one Pareto front without being comparable.
+    """
+    stored = study.user_attrs.get("scoring")
+    if stored is None:
+        study.set_user_attr("scoring", scoring)
+        return
+    changed = [option for option, value in scoring.items() if stored.get(option, value) != value]
+    if changed:
+        differences = ", ".join(
+            f"{option} {stored[option]!r} (now {scoring[option]!r})" for option in changed
+        )
+        raise UserError(
+            f"study {study.study_name!r} was scored with {differences}; "
+            "give the same values to continue it, or pass another --study-name"
+        )
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -304,10 +354,30 @@ def run_study(
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
-    """Mark trials of workers that stopped sending heartbeats as failed (storages with heartbeats only)."""
+    """Mark the running trials of dead workers as failed, so that their slots are run again.
+
+    Storages with heartbeats find dead workers anywhere; for every storage, a trial started by a
+    process of this machine that no longer exists is failed at once (the journal storage has no
+    heartbeat, and a killed run would otherwise wait for its own orphan forever on restart).
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+        optuna.storages.fail_stale_trials(study)  # does nothing for storages without heartbeats
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if host == socket.gethostname() and pid.isdigit() and not _process_exists(int(pid)):
+            with contextlib.suppress(RuntimeError, ValueError):  # another worker failed it first
+                study.tell(trial.number, state=TrialState.FAIL)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
 
 
 class _Interrupt:

@@ -30,13 +30,10 @@ def launch(
 ) -> None:
     """Run `settings.workers` worker processes to the end of the study."""
     gpus = settings.gpus if settings.gpus is not None else list(range(torch.cuda.device_count()))
-    if gpus and settings.workers > len(gpus):
-        raise UserError(
-            f"--workers {settings.workers} needs one GPU each, but only {len(gpus)} are given ({gpus})"
-        )
+    devices = worker_devices(settings.workers, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     worker_settings = settings.model_copy(
         update={
-            "workers": 1, "gpus": None, "select": "none", "chat": False,
+            "workers": 1, "gpus": None, "select": "none", "chat": False, "push_to_hub": None,
             "storage": storage_url, "study_name": study_name, "output": output,
         }
     )  # fmt: skip
@@ -45,9 +42,9 @@ def launch(
         for index in range(settings.workers):
             environment = dict(os.environ)
             environment[SETTINGS_VARIABLE] = worker_settings.model_dump_json()
-            environment[NAME_VARIABLE] = f"worker {index}" + (f" (GPU {gpus[index]})" if gpus else "")
-            if gpus:
-                environment["CUDA_VISIBLE_DEVICES"] = str(gpus[index])
+            environment[NAME_VARIABLE] = f"worker {index}" + (f" (GPU {devices[index]})" if devices else "")
+            if devices:
+                environment["CUDA_VISIBLE_DEVICES"] = devices[index]
             processes.append(subprocess.Popen([sys.executable, "-m", "abliterate.workers"], env=environment))
             if index == 0:
                 _wait_for_directions(processes[0], storage_url, study_name, poll_seconds)
@@ -59,6 +56,28 @@ def launch(
         raise
     if any(code != 0 for code in codes):
         raise UserError(f"a worker stopped with an error (exit codes {codes}); see its messages above")
+
+
+def worker_devices(workers: int, gpus: list[int], parent_visible: str | None) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES value of each worker, or none at all when there are no GPUs.
+
+    `gpus` are the indices this process sees: under a CUDA_VISIBLE_DEVICES of its own they point
+    into that list (as torch numbers the devices), so they are translated, not passed on as they are.
+    """
+    if gpus and workers > len(gpus):
+        raise UserError(f"--workers {workers} needs one GPU each, but only {len(gpus)} are given ({gpus})")
+    chosen = gpus[:workers]
+    if parent_visible is None:
+        return [str(index) for index in chosen]
+    visible = [device.strip() for device in parent_visible.split(",") if device.strip()]
+    outside = [index for index in chosen if not 0 <= index < len(visible)]
+    if outside:
+        seen = f"GPUs 0 to {len(visible) - 1}" if len(visible) > 1 else "GPU 0" if visible else "no GPU"
+        raise UserError(
+            f"--gpus {outside[0]} is out of range: CUDA_VISIBLE_DEVICES={parent_visible!r} lets this process "
+            f"see {seen}, and --gpus counts within that list; choose from it or widen CUDA_VISIBLE_DEVICES"
+        )
+    return [visible[index] for index in chosen]
 
 
 def _wait_for_directions(

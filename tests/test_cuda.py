@@ -1,0 +1,88 @@
+"""The same promises on an accelerator: exact resets, caches where they belong, a study end to end.
+
+Skipped without CUDA (the CI machine has none); run them on a GPU machine with
+`python -m pytest tests/test_cuda.py`.
+"""
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import assert_identical, random_edits, saved, snapshot, tiny_model
+
+from abliterate.cli import main
+from abliterate.components import find_components
+from abliterate.reset import choose_strategy, make_editor
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CUDA_ARCHITECTURES = ("llama", "gemma3", "qwen3_moe", "gpt_oss", "listed_experts")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("strategy", ["gpu-cache", "host-cache", "disk"])
+@pytest.mark.parametrize("architecture", CUDA_ARCHITECTURES)
+def test_restore_on_the_device_is_bit_exact(architecture, strategy, dtype, tmp_path):
+    model = tiny_model(architecture).to(dtype)
+    folder = saved(model, tmp_path)  # the disk reset reads these half-precision files back
+    model.to("cuda")
+    editable = find_components(model)
+    editor = make_editor(strategy, model, editable, folder)
+    original = snapshot(model)
+    rng = random.Random(0)
+    for row_norm in ("none", "pre", "full"):
+        editor.apply(random_edits(editable.num_layers, editable.hidden_size, rng), row_norm)
+        assert any(not torch.equal(p, original[n]) for n, p in model.named_parameters())
+        editor.reset()
+        assert_identical(model, original)
+
+
+def test_the_caches_live_where_their_names_say(tmp_path):
+    model = tiny_model("qwen3_moe").to(torch.bfloat16).to("cuda")
+    editable = find_components(model)
+    gpu = make_editor("gpu-cache", model, editable, None).restorer
+    host = make_editor("host-cache", model, editable, None).restorer
+    gpu_copies = [t for parts in gpu.originals.values() for ts in parts.values() for t in ts]
+    host_copies = [t for parts in host.originals.values() for ts in parts.values() for t in ts]
+    assert all(t.device.type == "cuda" for t in gpu_copies)
+    # Pinned host memory is what lets the copy back run at full bus speed.
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in host_copies)
+
+
+def test_auto_keeps_a_small_models_cache_on_the_device():
+    model = tiny_model("llama").to("cuda")
+    assert choose_strategy("auto", True, find_components(model)).strategy == "gpu-cache"
+
+
+def test_the_adapter_leaves_the_weights_alone_and_its_reset_restores_the_outputs(tmp_path):
+    model = tiny_model("qwen3_moe").to(torch.bfloat16).to("cuda")  # fused experts, no biases
+    editable = find_components(model)
+    editor = make_editor("adapter", model, editable, saved(model, tmp_path))
+    original = snapshot(model)
+    inputs = torch.randint(0, model.config.vocab_size, (2, 7), device="cuda")
+    with torch.no_grad():
+        before = model(inputs).logits
+        editor.apply(random_edits(editable.num_layers, editable.hidden_size, random.Random(3)), "none")
+        edited = model(inputs).logits
+        editor.reset()
+        after = model(inputs).logits
+    assert_identical(model, original)
+    assert not torch.equal(before, edited)
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("extra", [[], ["--quantization", "bnb-4bit"], ["--reset", "host-cache"]])
+def test_a_short_study_on_the_device_removes_refusals(extra, tmp_path, monkeypatch, capsys):
+    if "bnb-4bit" in extra:
+        pytest.importorskip("bitsandbytes")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--device-map", "cuda", "--n-trials", "16", "--n-startup-trials", "8", "--select", "min-refusals",
+            "--harmful-eval-split", "eval[:40]", "--harmless-eval-split", "eval[:40]", "--max-response-length", "24",
+            "--output", str(tmp_path / "out"), *extra]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    baseline = int(err.split("original model: ")[1].split("/")[0])
+    result = json.loads((tmp_path / "out" / "model" / "abliterate.json").read_text())
+    assert result["refusals"] < baseline / 2, err[-2000:]
+    assert result["kl"] > 0

@@ -1,0 +1,67 @@
+"""Which GPU each `--workers` process gets, also under a CUDA_VISIBLE_DEVICES of the parent's own."""
+
+from pathlib import Path
+
+import pytest
+
+from abliterate import workers
+from abliterate.errors import UserError
+from abliterate.settings import Settings
+from abliterate.workers import worker_devices
+
+
+@pytest.mark.parametrize(
+    ("workers", "gpus", "parent_visible", "expected"),
+    [
+        (2, [0, 1], None, ["0", "1"]),
+        (2, [0, 1], "2,3", ["2", "3"]),  # the indices point into the parent's list
+        (2, [1, 0], "2, 3", ["3", "2"]),
+        (1, [1], "GPU-a1b2,GPU-c3d4", ["GPU-c3d4"]),  # UUIDs are passed on as they are
+        (2, [0, 1, 2], "5,6,7", ["5", "6"]),  # more GPUs than workers: the first ones
+        (3, [], None, []),  # no GPUs: the workers share the CPU
+    ],
+)
+def test_each_worker_gets_its_device(workers, gpus, parent_visible, expected):
+    assert worker_devices(workers, gpus, parent_visible) == expected
+
+
+def test_more_workers_than_gpus_is_an_error():
+    with pytest.raises(
+        UserError, match=r"^--workers 3 needs one GPU each, but only 2 are given \(\[0, 1\]\)$"
+    ):
+        worker_devices(3, [0, 1], None)
+
+
+@pytest.mark.parametrize(
+    ("gpus", "parent_visible", "seen", "bad"),
+    [
+        ([0, 2], "2,3", "GPUs 0 to 1", 2),
+        ([1], "4", "GPU 0", 1),
+        ([0], "", "no GPU", 0),
+        ([-1], "2,3", "GPUs 0 to 1", -1),  # not Python's last item
+    ],
+)
+def test_an_index_past_the_parents_list_is_one_clear_error(gpus, parent_visible, seen, bad):
+    with pytest.raises(UserError) as error:
+        worker_devices(len(gpus), gpus, parent_visible)
+    assert str(error.value) == (
+        f"--gpus {bad} is out of range: CUDA_VISIBLE_DEVICES={parent_visible!r} lets this process see {seen}, "
+        "and --gpus counts within that list; choose from it or widen CUDA_VISIBLE_DEVICES"
+    )
+
+
+def test_launch_gives_each_worker_its_device_from_the_parents_list(monkeypatch, tmp_path: Path):
+    started = []
+
+    class FakeProcess:
+        def __init__(self, command, env):
+            started.append((env["CUDA_VISIBLE_DEVICES"], env[workers.NAME_VARIABLE]))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")
+    monkeypatch.setattr(workers.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(workers, "_wait_for_directions", lambda *args: None)
+    workers.launch(Settings(workers=2, gpus=[1, 0]), "sqlite://", "study", tmp_path)
+    assert started == [("7", "worker 0 (GPU 7)"), ("6", "worker 1 (GPU 6)")]
