@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from abliterate.directions import refusal_directions
+from abliterate.directions import capture_residuals, refusal_directions
 from abliterate.errors import UserError
 
 
@@ -29,3 +29,19 @@ def test_identical_means_are_refused():
     same = torch.randn(4, 2, 8)
     with pytest.raises(UserError, match="identical mean residuals"):
         refusal_directions(same, same.clone())
+
+
+class SmallMemoryModel:
+    """Stands in for a ChatModel on an accelerator that fits two prompts at a time."""
+
+    def last_token_residuals(self, batch, layers):
+        if len(batch["input_ids"]) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return batch["input_ids"][:, :1].float().expand(-1, len(layers)).unsqueeze(-1).repeat(1, 1, 4)
+
+
+def test_residual_capture_halves_a_batch_that_does_not_fit():
+    batch = {"input_ids": torch.arange(8).reshape(8, 1), "attention_mask": torch.ones(8, 1)}
+    residuals = capture_residuals(SmallMemoryModel(), [batch], layers=[None, None, None])
+    assert residuals.shape == (8, 3, 4)
+    assert torch.equal(residuals[:, 0, 0], torch.arange(8).float())  # every prompt, in order

@@ -107,7 +107,7 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_result():
 
 def test_out_of_memory_with_one_prompt_is_a_clear_error():
     from abliterate.errors import UserError
-    from abliterate.evaluate import in_halves_on_oom
+    from abliterate.model import in_halves_on_oom
 
     def always(batch):
         raise torch.OutOfMemoryError("pretend")

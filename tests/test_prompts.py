@@ -64,7 +64,7 @@ def test_dataset_ids_need_the_datasets_package(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_datasets)
-    with pytest.raises(UserError, match=r"pip install 'abliterate\[datasets\]'"):
+    with pytest.raises(UserError, match=r"pip install datasets \(or the datasets extra\)"):
         load_prompts(PromptSet(source="someone/harmful-prompts"), "--harmful-train")
 
 

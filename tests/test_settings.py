@@ -42,6 +42,18 @@ def test_nested_environment_variables(monkeypatch):
     assert load_settings({}).harmless_eval.split == "eval[:10]"
 
 
+@pytest.mark.parametrize("value", ["float32,float16", "float32, float16", '["float32", "float16"]'])
+def test_lists_in_the_environment_are_commas_or_json(value, monkeypatch):
+    monkeypatch.setenv("ABLITERATE_DTYPES", value)
+    assert load_settings({}).dtypes == ["float32", "float16"]
+
+
+def test_a_broken_json_list_in_the_environment_is_one_line(monkeypatch):
+    monkeypatch.setenv("ABLITERATE_DTYPES", '["float32"')
+    with pytest.raises(SettingsError, match=r"^--dtypes: not a valid JSON list; write it as a,b,c"):
+        load_settings({})
+
+
 def test_a_split_flag_keeps_the_source_from_the_config(tmp_path: Path):
     config = tmp_path / "config.toml"
     config.write_text('[harmful_eval]\nsource = "mine.jsonl"\ncolumn = "prompt"\n')

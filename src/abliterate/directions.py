@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from abliterate.errors import UserError
-from abliterate.model import Batch, ChatModel
+from abliterate.model import Batch, ChatModel, in_halves_on_oom
 
 
 def capture_residuals(
@@ -24,7 +24,7 @@ def capture_residuals(
     """Residuals at the last prompt token for every prompt and layer: (prompts, layers, hidden)."""
     parts = []
     for batch in batches:
-        parts.append(model.last_token_residuals(batch, layers))
+        parts.append(in_halves_on_oom(lambda rows: model.last_token_residuals(rows, layers), batch))
         if on_batch is not None:
             on_batch(len(batch["input_ids"]))
     return torch.cat(parts)

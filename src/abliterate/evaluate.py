@@ -12,14 +12,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import TypeVar
 
 import torch
 
 from abliterate.errors import UserError
-from abliterate.model import Batch, ChatModel
+from abliterate.model import Batch, ChatModel, in_halves_on_oom
 
-R = TypeVar("R", torch.Tensor, list[str])
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
 
 
@@ -114,21 +112,3 @@ class Evaluator:
     def _batch_done(self, batch: Batch) -> None:
         if self.on_batch is not None:
             self.on_batch(len(batch["input_ids"]))
-
-
-def in_halves_on_oom(run: Callable[[Batch], R], batch: Batch) -> R:
-    """Run on the batch; when the accelerator runs out of memory, run on each half and join the results."""
-    try:
-        return run(batch)
-    except torch.OutOfMemoryError:
-        rows = batch["input_ids"].shape[0]
-        if rows == 1:
-            raise UserError(
-                "out of memory even with a batch of one prompt; free memory or use a smaller --dtypes"
-            ) from None
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    half = rows // 2
-    first = in_halves_on_oom(run, {key: value[:half] for key, value in batch.items()})
-    second = in_halves_on_oom(run, {key: value[half:] for key, value in batch.items()})
-    return torch.cat([first, second]) if isinstance(first, torch.Tensor) else first + second

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import transformers
@@ -24,6 +25,7 @@ from abliterate.errors import UserError
 
 DEMO_MODEL_NAME = "abliterate-demo"
 Batch = dict[str, torch.Tensor]
+R = TypeVar("R", torch.Tensor, list[str])  # what a batched pass returns
 
 
 def demo_model_path() -> Path:
@@ -201,7 +203,7 @@ def load_chat_model(
     folder = local_folder(source)
     load_from = str(folder) if folder else source  # transformers does not expand ~
     if quantization == "bnb-4bit" and importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("--quantization bnb-4bit needs bitsandbytes: pip install 'abliterate[quantization]'")
+        raise UserError("--quantization bnb-4bit needs bitsandbytes: pip install bitsandbytes (or the quantization extra)")
     config = _load_config(load_from, trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:
         # Neither its weights nor its files can carry the edit: there would be nothing to save.
@@ -347,3 +349,21 @@ def _hub_snapshot(source: str) -> Path | None:
         return Path(snapshot_download(source, local_files_only=True))
     except Exception:  # no snapshot: strategies that read the files fall back to others
         return None
+
+
+def in_halves_on_oom(run: Callable[[Batch], R], batch: Batch) -> R:
+    """Run on the batch; when the accelerator runs out of memory, run on each half and join the results."""
+    try:
+        return run(batch)
+    except torch.OutOfMemoryError:
+        rows = batch["input_ids"].shape[0]
+        if rows == 1:
+            raise UserError(
+                "out of memory even with a batch of one prompt; free memory or use a smaller --dtypes"
+            ) from None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = rows // 2
+    first = in_halves_on_oom(run, {key: value[:half] for key, value in batch.items()})
+    second = in_halves_on_oom(run, {key: value[half:] for key, value in batch.items()})
+    return torch.cat([first, second]) if isinstance(first, torch.Tensor) else first + second

@@ -171,7 +171,7 @@ def _load_dataset(dataset_id: str, split: str, column: str, what: str) -> list[_
     except ImportError:
         raise UserError(
             f"{what}: {dataset_id!r} is neither a built-in set nor a local file; loading it as a Hugging Face "
-            "dataset needs the datasets package: pip install 'abliterate[datasets]'"
+            "dataset needs the datasets package: pip install datasets (or the datasets extra)"
         ) from None
     try:
         data = datasets.load_dataset(dataset_id, split=split or "train")

@@ -9,11 +9,13 @@ through for everything else.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -60,7 +62,7 @@ class Settings(BaseSettings):
 
     # -- model ------------------------------------------------------------------------------
     model: str | None = Field(None, description="hub id or local folder; default: the built-in demo model")
-    dtypes: list[str] = Field(
+    dtypes: Annotated[list[str], NoDecode] = Field(
         ["auto", "bfloat16", "float16", "float32"],
         description="dtypes to try in order when loading (comma-separated)",
     )
@@ -83,7 +85,7 @@ class Settings(BaseSettings):
     harmless_train: PromptSet = PromptSet(**PROMPT_SET_DEFAULTS["harmless_train"])
     harmful_eval: PromptSet = PromptSet(**PROMPT_SET_DEFAULTS["harmful_eval"])
     harmless_eval: PromptSet = PromptSet(**PROMPT_SET_DEFAULTS["harmless_eval"])
-    refusal_markers: list[str] | None = Field(
+    refusal_markers: Annotated[list[str] | None, NoDecode] = Field(
         None, description="substrings that mark a refusal (comma-separated); default: the shipped list"
     )
 
@@ -112,7 +114,7 @@ class Settings(BaseSettings):
     workers: int = Field(
         1, ge=1, description="worker processes on this machine, one per GPU, sharing the study"
     )
-    gpus: list[int] | None = Field(
+    gpus: Annotated[list[int] | None, NoDecode] = Field(
         None, description="GPUs for the workers (comma-separated); default: all visible"
     )
 
@@ -165,7 +167,13 @@ class Settings(BaseSettings):
     @field_validator("dtypes", "refusal_markers", "gpus", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
+        """Lists come as lists (TOML), as `a,b` (flags, environment) or as JSON `["a", "b"]`."""
         if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                try:
+                    return json.loads(value)
+                except json.JSONDecodeError:
+                    raise ValueError("not a valid JSON list; write it as a,b,c") from None
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
