@@ -98,7 +98,9 @@ def test_without_bitsandbytes_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setattr(
         "importlib.util.find_spec", lambda name, *args: None if name == "bitsandbytes" else real(name, *args)
     )
-    with pytest.raises(UserError, match=r"needs bitsandbytes: pip install bitsandbytes \(or the quantization extra\)"):
+    with pytest.raises(
+        UserError, match=r"needs bitsandbytes: pip install bitsandbytes \(or the quantization extra\)"
+    ):
         load_chat_model(None, device_map="cpu", quantization="bnb-4bit")
 
 

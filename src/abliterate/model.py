@@ -203,7 +203,9 @@ def load_chat_model(
     folder = local_folder(source)
     load_from = str(folder) if folder else source  # transformers does not expand ~
     if quantization == "bnb-4bit" and importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("--quantization bnb-4bit needs bitsandbytes: pip install bitsandbytes (or the quantization extra)")
+        raise UserError(
+            "--quantization bnb-4bit needs bitsandbytes: pip install bitsandbytes (or the quantization extra)"
+        )
     config = _load_config(load_from, trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:
         # Neither its weights nor its files can carry the edit: there would be nothing to save.
