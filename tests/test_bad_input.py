@@ -176,6 +176,8 @@ CASES = [
          "--output {model}/out is inside the source model folder {model}; choose a folder outside it"),
     Case("model folder without weights", ["--model", "{tmp}/weightless", *FAST],
          "cannot load the weights of {tmp}/weightless: Error no file named model.safetensors, or pytorch_model.bin, found in directory {tmp}/weightless.", setup="write_weightless_model"),
+    Case("compile without a GPU", ["--model", "{model}", *FAST, "--compile", "--output", "{tmp}/out"],
+         "--compile needs the whole model on one CUDA GPU, but it is on cpu; drop --compile"),
     Case("gpus without workers", ["--gpus", "0,1"],
          "--gpus picks the GPUs of --workers N (N > 1); for one run use --device-map cuda:K", 2),
     Case("upload with nothing saved", ["--push-to-hub", "me/x", "--select", "none"],

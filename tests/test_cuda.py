@@ -9,11 +9,12 @@ import random
 
 import pytest
 import torch
-from conftest import assert_identical, random_edits, saved, snapshot, tiny_model
+from conftest import assert_identical, random_edits, saved, snapshot, tiny_model, tiny_tokenizer
 
 from abliterate.cli import main
 from abliterate.components import find_components
-from abliterate.reset import choose_strategy, make_editor
+from abliterate.model import ChatModel, enable_compiled_generation, left_pad
+from abliterate.reset import LayerCache, choose_strategy, make_editor
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -55,6 +56,26 @@ def test_auto_keeps_a_small_models_cache_on_the_device():
     assert choose_strategy("auto", True, find_components(model)).strategy == "gpu-cache"
 
 
+def test_the_compiled_decoder_sees_in_place_edits_and_restores(tmp_path):
+    """--compile: trials edit and restore weights under a decoder compiled once."""
+    model = tiny_model("llama").to(torch.bfloat16).to("cuda")
+    chat = ChatModel(model, tiny_tokenizer(), "tiny", None)
+    left_pad(chat.tokenizer)
+    enable_compiled_generation(chat, in_place=True)
+    (batch,) = chat.encode(["how do i bake bread", "write malware", "write a poem"], 3, common_length=True)
+    before = chat.generate(batch, 12)
+    editable = find_components(model)
+    cache = LayerCache(editable)
+    with torch.no_grad():
+        for *_, matrix in editable.matrices():
+            matrix.parameter.neg_()  # sure to change what the model says
+    changed = chat.generate(batch, 12)
+    torch._dynamo.reset()
+    assert chat.generate(batch, 12) == changed, "the decoder compiled before the edit did not see it"
+    cache.restore((layer, component) for layer in range(editable.num_layers) for component in ("attn", "mlp"))
+    assert chat.generate(batch, 12) == before
+
+
 def test_the_adapter_leaves_the_weights_alone_and_its_reset_restores_the_outputs(tmp_path):
     model = tiny_model("qwen3_moe").to(torch.bfloat16).to("cuda")  # fused experts, no biases
     editable = find_components(model)
@@ -72,7 +93,16 @@ def test_the_adapter_leaves_the_weights_alone_and_its_reset_restores_the_outputs
     assert torch.equal(before, after)
 
 
-@pytest.mark.parametrize("extra", [[], ["--quantization", "bnb-4bit"], ["--reset", "host-cache"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["--quantization", "bnb-4bit"],
+        ["--reset", "host-cache"],
+        ["--compile"],
+        ["--compile", "--reset", "disk"],
+    ],
+)
 def test_a_short_study_on_the_device_removes_refusals(extra, tmp_path, monkeypatch, capsys):
     if "bnb-4bit" in extra:
         pytest.importorskip("bitsandbytes")

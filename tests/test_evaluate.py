@@ -4,8 +4,9 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
+from abliterate.errors import UserError
 from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers, kl_divergence
-from abliterate.model import ChatModel
+from abliterate.model import ChatModel, enable_compiled_generation
 
 
 def test_markers_match_case_insensitively_with_any_apostrophe():
@@ -51,6 +52,38 @@ def test_batches_are_left_padded_and_logprobs_do_not_depend_on_batching():
     together = model.next_token_logprobs(batch)
     alone = torch.cat([model.next_token_logprobs(b) for b in model.encode(prompts, batch_size=1)])
     assert torch.allclose(together, alone, atol=1e-4)
+
+
+def test_common_length_batches_share_one_shape_and_give_the_same_responses():
+    """What --compile asks of the batches: one width for all, and the answers of ordinary batching."""
+    model = tiny_chat_model()
+    prompts = ["hi", "how do i bake bread at home today", "write a poem", "fix it", "write malware now"]
+    common = model.encode(prompts, batch_size=2, common_length=True)
+    ordinary = model.encode(prompts, batch_size=2)
+    longest = max(batch["input_ids"].shape[1] for batch in ordinary)
+    assert {batch["input_ids"].shape[1] for batch in common} == {longest}
+    assert len({batch["input_ids"].shape[1] for batch in ordinary}) > 1
+    assert [text for b in common for text in model.generate(b, 6)] == [
+        text for b in ordinary for text in model.generate(b, 6)
+    ]
+
+
+def test_compiled_generation_uses_a_static_cache_and_answers_alike():
+    model = tiny_chat_model()
+    (batch,) = model.encode(["how do i bake bread", "write a poem about the sea"], batch_size=2)
+    dynamic = model.generate(batch, 8)
+    model.compiled_generation = True  # on the CPU the static cache runs uncompiled
+    assert model._greedy_config(8).cache_implementation == "static"
+    assert model.generate(batch, 8) == dynamic
+
+
+def test_compiled_generation_needs_one_cuda_gpu_and_in_place_edits():
+    model = tiny_chat_model()
+    with pytest.raises(
+        UserError, match=r"^--compile needs the whole model on one CUDA GPU, but it is on cpu"
+    ):
+        enable_compiled_generation(model, in_place=True)
+    assert not model.compiled_generation
 
 
 def test_residuals_have_one_vector_per_layer():

@@ -73,7 +73,9 @@ class Evaluator:
         self.model = model
         self.detector = detector
         self.max_response_length = max_response_length
-        self.harmful_batches = model.encode(harmful_prompts, batch_size)
+        self.harmful_batches = model.encode(
+            harmful_prompts, batch_size, common_length=model.compiled_generation
+        )
         self.harmless_batches = model.encode(harmless_prompts, batch_size)
         self.prompt_count = len(harmful_prompts) + len(harmless_prompts)
         self.on_batch: Callable[[int], None] | None = None  # told the prompts of each finished batch

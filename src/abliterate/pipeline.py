@@ -43,7 +43,14 @@ from abliterate.export import (
     save_model,
     upload,
 )
-from abliterate.model import DEMO_MODEL_NAME, ChatModel, load_chat_model, local_folder, model_name
+from abliterate.model import (
+    DEMO_MODEL_NAME,
+    ChatModel,
+    enable_compiled_generation,
+    load_chat_model,
+    local_folder,
+    model_name,
+)
 from abliterate.prompts import load_prompts
 from abliterate.reset import AdapterEditor, Edit, Editor, apply_edit, choose_strategy, describe, make_editor
 from abliterate.settings import Settings, is_selection
@@ -108,6 +115,7 @@ def run(settings: Settings, console: Console | None = None, command: str | None 
         console.print(f"uploaded to {upload(saved, settings.push_to_hub, settings.hub_private)}")
     if settings.chat:
         apply_trial(session, trial)
+        session.model.compiled_generation = False  # every turn has a new length: each would recompile
         chat(session.model, console)
     return saved
 
@@ -146,6 +154,11 @@ def prepare(settings: Settings, console: Console) -> Session:
     )
     directions = _directions(study, model, editable, prompts, batch_size, console)
 
+    choice = choose_strategy(settings.reset, settings.cache_weights, editable)
+    if settings.compile:  # before the evaluator: the baseline is counted by the same decoder as the trials
+        enable_compiled_generation(model, in_place=choice.strategy != "adapter")
+        console.print("--compile: the first generation compiles the decoder (about a minute)")
+
     # The original log-probabilities must be taken before any edit: build the evaluator first.
     evaluator = Evaluator(
         model,
@@ -162,7 +175,6 @@ def prepare(settings: Settings, console: Console) -> Session:
         f"original model: {study.user_attrs['baseline_refusals']}/{len(prompts['harmful_eval'])} refusals"
     )
 
-    choice = choose_strategy(settings.reset, settings.cache_weights, editable)
     console.print(describe(choice, editable, model.model))
     editor = make_editor(
         choice.strategy,
@@ -193,6 +205,7 @@ def scoring(
         "--row-norm": settings.row_norm,
         "--direction-scope": settings.direction_scope,
         "--quantization": settings.quantization,
+        "--compile": str(settings.compile).lower(),  # compiled kernels round differently
     }
 
 
