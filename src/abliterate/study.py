@@ -192,10 +192,9 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         stale = super()._get_stale_trial_ids(study_id)
+        # Optuna's grace period, as Optuna reads it.
+        grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
         # datetime_start reads as local time, stamped by the worker that created the trial.
-        grace = (
-            2 * self.heartbeat_interval if self.grace_period is None else self.grace_period
-        )  # Optuna's rule
         cutoff = datetime.now() - timedelta(seconds=grace)
         running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
         old = [trial._trial_id for trial in running if trial.datetime_start and trial.datetime_start < cutoff]
