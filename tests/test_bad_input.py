@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from abliterate.cli import main
@@ -81,6 +82,11 @@ def write_earlier_result(tmp: Path) -> None:
     tiny_model("llama").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     (tmp / "earlier" / ".abliterate").write_text("")
+
+
+def write_a_file(tmp: Path) -> None:
+    (tmp / "afile.txt").write_text("not a folder")
+    (tmp / "prompts").mkdir()
 
 
 def write_untemplated_model(tmp: Path) -> None:
@@ -157,7 +163,7 @@ CASES = [
     Case("KL limit that is not a number", ["--select", "max-kl:low"],
          "--select: use knee, min-refusals, min-kl, max-kl:X, trial:N or none (got 'max-kl:low')", 2),
     Case("unknown key in config.toml", ["--config", "{tmp}/config.toml"],
-         "unknown setting 'n_trails' in {tmp}/config.toml; see `abliterate --help` for the valid names", 2,
+         "unknown setting 'n_trails' in {tmp}/config.toml (did you mean 'n_trials'?); see `abliterate --help` for the valid names", 2,
          setup="write_unknown_key_config"),
     Case("missing config file", ["--config", "{tmp}/absent.toml"], "config file {tmp}/absent.toml does not exist", 2),
     Case("cache conflict", ["--model", "{model}", *FAST, "--reset", "host-cache", "--cache-weights", "false", "--output", "{tmp}/out"],
@@ -178,6 +184,13 @@ CASES = [
          "cannot load the weights of {tmp}/weightless: Error no file named model.safetensors, or pytorch_model.bin, found in directory {tmp}/weightless.", setup="write_weightless_model"),
     Case("compile without a GPU", ["--model", "{model}", *FAST, "--compile", "--output", "{tmp}/out"],
          "--compile needs the whole model on one CUDA GPU, but it is on cpu; drop --compile"),
+    Case("output below a file", ["--model", "{model}", *FAST, "--output", "{tmp}/afile.txt/sub"],
+         "cannot create --output {tmp}/afile.txt/sub: Not a directory; choose another --output", setup="write_a_file"),
+    Case("prompt set that is a folder", ["--model", "{model}", "--harmful-train", "{tmp}/prompts"],
+         "--harmful-train: {tmp}/prompts is a folder; give a prompt file (.txt, .jsonl, .csv or .parquet)",
+         setup="write_a_file"),
+    Case("negative seed", ["--seed", "-5"], "--seed: Input should be greater than or equal to 0 (got '-5')", 2),
+    Case("misspelt flag", ["--n-trails", "5"], "unrecognized arguments: --n-trails 5; see `abliterate --help`", 2),
     Case("gpus without workers", ["--gpus", "0,1"],
          "--gpus picks the GPUs of --workers N (N > 1); for one run use --device-map cuda:K", 2),
     Case("upload with nothing saved", ["--push-to-hub", "me/x", "--select", "none"],
@@ -251,3 +264,12 @@ def test_the_source_model_is_never_written(shared_model: Path, tmp_path: Path, m
         == 0
     )
     assert {path: path.stat().st_mtime_ns for path in shared_model.rglob("*")} == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible here")
+def test_a_cuda_device_map_without_a_gpu_is_one_line(shared_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--model", str(shared_model), "--device-map", "cuda:1"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "abliterate: error: --device-map cuda:1, but no CUDA GPU is visible; use --device-map auto or cpu"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import ClassVar
@@ -180,6 +181,31 @@ def test_the_chat_puts_the_system_prompt_first():
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     )
     assert text.startswith("<|system|>Be brief.<|end|><|user|>hi") and text.endswith("<|assistant|>")
+
+
+def test_selecting_a_finished_trial_later_runs_no_new_trials(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    output = ["--output", str(tmp_path / "o")]
+    assert main(["--model", str(model), *FAST, "--select", "none", *output]) == 0
+    assert "--select none: no model saved; the study is kept in sqlite:///" in capsys.readouterr().err
+    # No --n-trials: the default 200 would run 198 more trials before picking.
+    assert main(["--model", str(model), *FAST[:-4], "--select", "trial:1", *output]) == 0
+    err = capsys.readouterr().err
+    assert not re.search(r"^trial +\d+:", err, re.MULTILINE), "a trial ran"
+    assert "saved trial 1, chosen by --select trial:1, to" in err
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'o' / 'study.db'}")
+    assert len(study.trials) == 2
+
+
+def test_a_study_that_holds_its_trials_says_so(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", str(model), *FAST, "--select", "none", "--output", str(tmp_path / "o")]
+    assert main(argv) == 0
+    assert main([*argv, "--n-trials", "1"]) == 0
+    assert (
+        "study 'tiny' already holds 2 finished trials (--n-trials 1): no new trials"
+        in capsys.readouterr().err
+    )
 
 
 def test_a_tokenizer_without_pad_token_pads_with_end_of_sequence():

@@ -1,5 +1,6 @@
 """Settings: sources in order of priority, and flags generated from the fields."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,47 @@ def test_broken_toml_is_one_line(tmp_path: Path):
     config.write_text("n_trials = = 3\n")
     with pytest.raises(SettingsError, match=r"^cannot read .*config.toml"):
         load_settings({}, config)
+
+
+@pytest.mark.parametrize(
+    ("variable", "message"),
+    [
+        ("ABLITERATE_N_TRIAL", "unknown environment variable ABLITERATE_N_TRIAL (did you mean ABLITERATE_N_TRIALS?)"),
+        ("ABLITERATE_HARMFUL_EVAL_SPLIT",
+         "unknown environment variable ABLITERATE_HARMFUL_EVAL_SPLIT (did you mean ABLITERATE_HARMFUL_EVAL__SPLIT?)"),
+        ("ABLITERATE_THEME", "unknown environment variable ABLITERATE_THEME; see"),
+    ],
+)  # fmt: skip
+def test_an_environment_variable_that_names_no_setting_is_refused(variable, message, monkeypatch):
+    monkeypatch.setenv(variable, "3")
+    with pytest.raises(SettingsError, match="^" + re.escape(message)):
+        load_settings({})
+
+
+def test_the_prefix_variables_that_are_not_settings_are_left_alone(monkeypatch):
+    monkeypatch.setenv("ABLITERATE_TEST_POSTGRES_URL", "postgresql://x")
+    monkeypatch.setenv("ABLITERATE_WORKER_NAME", "worker 0")
+    assert load_settings({}).n_trials == 200
+
+
+def test_a_prompt_set_in_toml_may_be_just_its_source(tmp_path: Path):
+    config = tmp_path / "config.toml"
+    config.write_text('harmful_eval = "mine.jsonl"\n')
+    assert load_settings({}, config).harmful_eval.model_dump() == {
+        "source": "mine.jsonl",
+        "split": "eval",
+        "column": "text",
+    }
+
+
+def test_a_prompt_set_part_written_as_a_top_level_key_says_where_it_goes(tmp_path: Path):
+    config = tmp_path / "config.toml"
+    config.write_text('harmful_eval_split = "eval[:10]"\n')
+    with pytest.raises(SettingsError, match=r"\(write it as split = \.\.\. under \[harmful_eval\]\)"):
+        load_settings({}, config)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("abliterate ")

@@ -279,3 +279,9 @@ def test_a_trial_left_running_by_a_dead_process_of_this_machine_is_failed(tmp_pa
         alive.number: TrialState.RUNNING,
         foreign.number: TrialState.RUNNING,
     }
+
+
+def test_a_journal_file_in_a_new_folder_is_created(tmp_path):
+    storage = open_storage(f"journal:{tmp_path / 'new' / 'journal.log'}")
+    optuna.create_study(storage=storage, study_name="s").optimize(lambda trial: 1.0, n_trials=1)
+    assert (tmp_path / "new" / "journal.log").is_file()

@@ -61,7 +61,14 @@ def test_launch_gives_each_worker_its_device_from_the_parents_list(monkeypatch, 
             return 0
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")
+    monkeypatch.setattr(workers.torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(workers.subprocess, "Popen", FakeProcess)
     monkeypatch.setattr(workers, "_wait_for_directions", lambda *args: None)
     workers.launch(Settings(workers=2, gpus=[1, 0]), "sqlite://", "study", tmp_path)
     assert started == [("7", "worker 0 (GPU 7)"), ("6", "worker 1 (GPU 6)")]
+
+
+def test_gpus_named_where_none_is_visible_is_one_line(monkeypatch, tmp_path: Path):
+    monkeypatch.setattr(workers.torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(UserError, match=r"^--gpus 0,1 names GPUs, but none is visible; drop --gpus$"):
+        workers.launch(Settings(workers=2, gpus=[0, 1]), "sqlite://", "study", tmp_path)

@@ -13,18 +13,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from abliterate.errors import UserError
+from abliterate import __version__
+from abliterate.errors import SettingsError, UserError
 from abliterate.settings import Settings, load_settings
 
 PROMPT_SETS = ("harmful_train", "harmless_train", "harmful_eval", "harmless_eval")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, like every other mistake, instead of the whole usage."""
+        raise SettingsError(f"{message}; see `abliterate --help`")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="abliterate",
         description="Remove refusals from a chat model by directional ablation, tuned with Optuna.",
-        epilog="Every option can also be set as ABLITERATE_<NAME> or in config.toml (names with underscores).",
+        epilog="Every option can also be set as ABLITERATE_<NAME> (a prompt set's part as "
+        "ABLITERATE_HARMFUL_EVAL__SPLIT) or in config.toml (names with underscores; the prompt sets "
+        "are tables: [harmful_eval] split = ...).",
     )
+    parser.add_argument("--version", action="version", version=f"abliterate {__version__}")
     parser.add_argument("--config", type=Path, help="TOML settings file (default: ./config.toml if present)")
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")

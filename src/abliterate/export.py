@@ -51,8 +51,13 @@ def prepare_output(output: Path, source_folder: Path | None) -> None:
             raise UserError(
                 f"--output {output} exists and was not made by abliterate; choose another --output or empty it"
             )
-    output.mkdir(parents=True, exist_ok=True)
-    (output / MARKER).write_text("This folder was made by abliterate: a study and its saved model.\n")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / MARKER).write_text("This folder was made by abliterate: a study and its saved model.\n")
+    except OSError as error:  # a file where a folder should be, no permission, a read-only disk
+        raise UserError(
+            f"cannot create --output {output}: {error.strerror or error}; choose another --output"
+        ) from None
 
 
 @dataclass(frozen=True)

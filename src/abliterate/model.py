@@ -238,6 +238,10 @@ def load_chat_model(
     source = source or str(demo_model_path())
     folder = local_folder(source)
     load_from = str(folder) if folder else source  # transformers does not expand ~
+    if device_map.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"--device-map {device_map}, but no CUDA GPU is visible; use --device-map auto or cpu"
+        )
     if quantization == "bnb-4bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(
             "--quantization bnb-4bit needs bitsandbytes: pip install bitsandbytes (or the quantization extra)"

@@ -95,22 +95,28 @@ def quiet_libraries() -> None:
 
 def run(settings: Settings, console: Console | None = None, command: str | None = None) -> Path | None:
     """Run (or resume) the whole pipeline; returns the saved model folder, if one was saved."""
-    console = console or Console(stderr=True)
+    # Lines as long as they are (log files stay greppable), numbers not coloured by guesswork.
+    console = console or Console(stderr=True, soft_wrap=True, highlight=False)
     quiet_libraries()
     if settings.push_to_hub:
         check_upload(settings.push_to_hub)
+    # The output folder is checked before the model loads: a mistake there costs no waiting.
+    output, storage_url, study_name = study_location(settings)
+    prepare_output(output, local_folder(settings.model))
     if settings.workers > 1:
-        output, storage_url, study_name = study_location(settings)
-        prepare_output(output, local_folder(settings.model))
         console.print(f"starting {settings.workers} workers on study {study_name!r} in {storage_url}")
+        if not torch.cuda.is_available():
+            console.print(f"no GPU is visible: the {settings.workers} workers share the CPU")
         workers.launch(settings, storage_url, study_name, output)
     session = prepare(settings, console)
-    search(session, console)
-    trial = choose(session, console)
+    if not _picks_a_finished_trial(session):
+        search(session, console)
+    trial, how = choose(session, console)
     if trial is None:
+        console.print(f"--select none: no model saved; the study is kept in {storage_url}")
         return None
     saved = export(session, trial, command or shlex.join(["abliterate", *sys.argv[1:]]))
-    console.print(f"saved trial {trial.number} to [bold]{saved}[/bold]")
+    console.print(f"saved trial {trial.number}, chosen by --select {how}, to [bold]{saved}[/bold]")
     if settings.push_to_hub:
         console.print(f"uploaded to {upload(saved, settings.push_to_hub, settings.hub_private)}")
     if settings.chat:
@@ -138,7 +144,7 @@ def prepare(settings: Settings, console: Console) -> Session:
     )
     editable = find_components(model.model)
     output, storage_url, study_name = study_location(settings)
-    prepare_output(output, model.folder)
+    prepare_output(output, model.folder)  # again: a hub model's folder is known only now
     clean_partials(output)
     study = open_study(
         open_storage(storage_url), study_name, settings.seed, settings.n_startup_trials, model.source
@@ -257,10 +263,24 @@ def _reload(model: ChatModel, trust_remote_code: bool) -> torch.nn.Module:
     )
 
 
+def _picks_a_finished_trial(session: Session) -> bool:
+    """`--select trial:N` of a trial the study has: pick it, whatever --n-trials says (pick later)."""
+    how = session.settings.select or ""
+    if not how.startswith("trial:"):
+        return False
+    number = int(how.removeprefix("trial:"))
+    return any(trial.number == number for trial in finished_trials(session.study))
+
+
 def search(session: Session, console: Console, label: str = "") -> None:
     settings = session.settings
     done = len(finished_trials(session.study))
-    if done:
+    if done >= settings.n_trials:
+        console.print(
+            f"study {session.study.study_name!r} already holds {done} finished trials "
+            f"(--n-trials {settings.n_trials}): no new trials"
+        )
+    elif done:
         console.print(
             f"resuming study {session.study.study_name!r}: {done} of {settings.n_trials} trials finished"
         )
@@ -294,13 +314,14 @@ def search(session: Session, console: Console, label: str = "") -> None:
             progress.remove_task(trial_task)  # an empty per-trial bar would stay on screen
 
 
-def choose(session: Session, console: Console):
+def choose(session: Session, console: Console) -> tuple[optuna.trial.FrozenTrial | None, str]:
+    """The trial to save (None for `--select none`) and the rule that picked it."""
     front = pareto_front(session.study)
     console.print(front_table(front, session.study.user_attrs.get("eval_prompts")))
     how = session.settings.select
     if how is None:
         how = ask_selection(front) if sys.stdin.isatty() else "knee"
-    return select_trial(session.study, how)
+    return select_trial(session.study, how), how
 
 
 def front_table(front, eval_prompts: int | None) -> Table:

@@ -103,6 +103,8 @@ def _load_builtin(name: str, split: str, what: str) -> list[str]:
 
 
 def _load_file(path: Path, column: str, what: str) -> list[_Row]:
+    if path.is_dir():
+        raise UserError(f"{what}: {path} is a folder; give a prompt file (.txt, .jsonl, .csv or .parquet)")
     if not path.is_file():
         raise UserError(f"{what}: prompt file {path} does not exist")
     suffix = path.suffix.lower()

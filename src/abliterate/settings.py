@@ -8,7 +8,9 @@ through for everything else.
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -102,7 +104,7 @@ class Settings(BaseSettings):
     # -- search -----------------------------------------------------------------------------
     n_trials: int = Field(200, gt=0, description="finished trials the study should hold")
     n_startup_trials: int = Field(60, ge=0, description="random trials before TPE takes over")
-    seed: int = Field(0, description="seed of the sampler")
+    seed: int = Field(0, ge=0, lt=2**32, description="seed of the sampler")
     direction_scope: DirectionScope = Field(
         "search",
         description="global: one interpolated direction; per-layer: each layer's own; search: let Optuna choose",
@@ -154,6 +156,8 @@ class Settings(BaseSettings):
         sets only `split` of a prompt set keeps the default `source`."""
         if isinstance(data, dict):
             for name, default in PROMPT_SET_DEFAULTS.items():
+                if isinstance(data.get(name), str):  # `harmful_eval = "file.jsonl"`: the source alone
+                    data[name] = {"source": data[name]}
                 if isinstance(data.get(name), dict):
                     data[name] = {**default, **data[name]}
         return data
@@ -237,8 +241,46 @@ def is_selection(text: str) -> bool:
     return False
 
 
+ENV_PREFIX = "ABLITERATE_"
+# Variables with the prefix that are not settings: the hand-over to worker processes, the tests' database.
+NOT_SETTINGS = {"ABLITERATE_WORKER_SETTINGS", "ABLITERATE_WORKER_NAME", "ABLITERATE_TEST_POSTGRES_URL"}
+
+
+def setting_names() -> list[str]:
+    """Every name a setting goes by in TOML: top-level fields, and `set.part` for the prompt sets."""
+    names = []
+    for name in Settings.model_fields:
+        if name in PROMPT_SET_DEFAULTS:
+            names += [f"{name}.{part}" for part in PromptSet.model_fields]
+        else:
+            names.append(name)
+    return names
+
+
+def check_environment(environment: dict[str, str] | None = None) -> None:
+    """An ABLITERATE_ variable that names no setting is a mistake, not something to ignore quietly."""
+    environment = os.environ if environment is None else environment
+    known = {name.replace(".", "__").upper() for name in setting_names()}
+    for variable in sorted(environment):
+        upper = variable.upper()
+        if (
+            upper.startswith(ENV_PREFIX)
+            and upper not in NOT_SETTINGS
+            and upper[len(ENV_PREFIX) :] not in known
+        ):
+            closest = _closest(upper[len(ENV_PREFIX) :], known)
+            hint = f" (did you mean {ENV_PREFIX}{closest}?)" if closest else ""
+            raise SettingsError(f"unknown environment variable {variable}{hint}; see `abliterate --help`")
+
+
+def _closest(name: str, known: set[str] | list[str]) -> str | None:
+    matches = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+    return matches[0] if matches else None
+
+
 def load_settings(cli_values: dict[str, Any] | None = None, config_file: Path | None = None) -> Settings:
     """Build the settings from all sources, turning any validation error into one clear line."""
+    check_environment()
     if config_file is None and Path("config.toml").is_file():
         config_file = Path("config.toml")
     elif config_file is not None and not config_file.is_file():
@@ -264,7 +306,14 @@ def describe_validation_error(error: ValidationError, config_file: Path | None) 
     option = "--" + "-".join(part.replace("_", "-") for part in location)
     if first["type"] == "extra_forbidden":
         where = f" in {config_file}" if config_file else ""
-        return f"unknown setting {'.'.join(location)!r}{where}; see `abliterate --help` for the valid names"
+        name = ".".join(location)
+        prompt_set, _, part = name.rpartition("_")
+        if prompt_set in PROMPT_SET_DEFAULTS and part in PromptSet.model_fields:
+            hint = f" (write it as {part} = ... under [{prompt_set}])"
+        else:
+            closest = _closest(name, setting_names())
+            hint = f" (did you mean {closest!r}?)" if closest else ""
+        return f"unknown setting {name!r}{where}{hint}; see `abliterate --help` for the valid names"
     message = first["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]

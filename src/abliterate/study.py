@@ -213,7 +213,12 @@ def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:") :]))
+        path = Path(url[len("journal:") :])
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except OSError as error:
+            raise UserError(f"cannot open storage {url!r}: {error.strerror or error}") from None
     for attempt in itertools.count(1):
         try:
             return HeartbeatStorage(

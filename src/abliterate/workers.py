@@ -29,6 +29,10 @@ def launch(
     settings: Settings, storage_url: str, study_name: str, output: Path, poll_seconds: float = 1.0
 ) -> None:
     """Run `settings.workers` worker processes to the end of the study."""
+    if settings.gpus is not None and torch.cuda.device_count() == 0:
+        raise UserError(
+            f"--gpus {','.join(map(str, settings.gpus))} names GPUs, but none is visible; drop --gpus"
+        )
     gpus = settings.gpus if settings.gpus is not None else list(range(torch.cuda.device_count()))
     devices = worker_devices(settings.workers, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     worker_settings = settings.model_copy(
