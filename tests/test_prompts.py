@@ -177,3 +177,13 @@ def test_a_null_in_a_dataset_column_is_an_error(monkeypatch):
         UserError, match=r"^x: dataset 'someone/prompts' row 1 \(counting from 0\) has no text"
     ):
         load_prompts(PromptSet(source="someone/prompts"), "x")
+
+
+def test_a_jsonl_row_without_the_column_lists_the_columns_it_has(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"text": "bake bread"}\n{"question": "fix a bike", "label": 0}\n')
+    with pytest.raises(
+        UserError,
+        match=r"^x: \S+prompts.jsonl line 2 has no column 'text' \(columns: question, label\); choose it",
+    ):
+        load_prompts(PromptSet(source=str(path), split=""), "x")

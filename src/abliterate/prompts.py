@@ -140,8 +140,9 @@ def _load_file(path: Path, column: str, what: str) -> list[_Row]:
 
 def _column(record: object, column: str, place: str, what: str) -> _Row:
     if not isinstance(record, dict) or column not in record:
+        columns = f" (columns: {', '.join(record)})" if isinstance(record, dict) else ""
         raise UserError(
-            f"{what}: {place} has no column {column!r}; choose it with --{what.lstrip('-')}-column"
+            f"{what}: {place} has no column {column!r}{columns}; choose it with --{what.lstrip('-')}-column"
         )
     return _cell_text(record[column], column, place)
 
