@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 from abliterate.ablation import ablate_
 from abliterate.cli import main
@@ -97,6 +98,19 @@ def test_a_short_study_on_the_demo_model_removes_refusals(tmp_path, monkeypatch,
     assert result["refusals"] < baseline / 2
     assert result["kl"] > 0
     assert "abliterate-demo" in card and f"{result['refusals']}/40" in card
+    # The saved model is the trial: scored like the study scored it (same batches, same dtype), it
+    # gives the trial's refusals and KL exactly.
+    scored = load_chat_model(None, device_map="cpu")
+    again = Evaluator(
+        scored, builtin_prompts("harmful", "eval")[:40], builtin_prompts("harmless", "eval")[:40],
+        RefusalDetector(default_refusal_markers()), 32, 24,
+    )  # fmt: skip
+    with torch.no_grad():
+        weights = load_file(saved / "model.safetensors")
+        for name, parameter in scored.model.named_parameters():
+            parameter.copy_(weights[name])
+    assert (again.count_refusals(), again.kl()) == (result["refusals"], result["kl"])
+
     model = transformers.AutoModelForCausalLM.from_pretrained(saved)
     tokenizer = transformers.AutoTokenizer.from_pretrained(saved)
     text = tokenizer.apply_chat_template(
