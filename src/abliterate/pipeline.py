@@ -272,7 +272,7 @@ def _picks_a_finished_trial(session: Session) -> bool:
     return any(trial.number == number for trial in finished_trials(session.study))
 
 
-def search(session: Session, console: Console, label: str = "") -> None:
+def search(session: Session, console: Console) -> None:
     settings = session.settings
     done = len(finished_trials(session.study))
     if done >= settings.n_trials:
@@ -289,7 +289,7 @@ def search(session: Session, console: Console, label: str = "") -> None:
 
     def report(trial: optuna.Trial, scores) -> None:
         console.print(
-            f"{label}trial {trial.number:>4}: refusals {scores.refusals:>3}/{eval_prompts}, KL {scores.kl:.4f}"
+            f"trial {trial.number:>4}: refusals {scores.refusals:>3}/{eval_prompts}, KL {scores.kl:.4f}"
         )
 
     objective = Objective(
@@ -303,7 +303,7 @@ def search(session: Session, console: Console, label: str = "") -> None:
 
         def advance(study: optuna.Study, trial) -> None:
             if trial.state == optuna.trial.TrialState.FAIL and "fail_reason" in trial.user_attrs:
-                console.print(f"{label}trial {trial.number:>4}: failed, {trial.user_attrs['fail_reason']}")
+                console.print(f"trial {trial.number:>4}: failed, {trial.user_attrs['fail_reason']}")
             progress.update(task, completed=min(len(finished_trials(study)), settings.n_trials))
             progress.reset(trial_task)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import optuna
 import torch
+from rich.console import Console
 
 from abliterate.errors import UserError
 from abliterate.settings import Settings
@@ -105,23 +106,34 @@ def _wait_for_directions(
 
 def main() -> int:
     """Entry point of one worker process (started by `launch`)."""
-    from rich.console import Console
-
     from abliterate.pipeline import prepare, quiet_libraries, search
 
     settings = Settings.model_validate_json(os.environ[SETTINGS_VARIABLE])
     name = os.environ.get(NAME_VARIABLE, "worker")
-    console = Console(stderr=True)
+    console = LabelledConsole(f"{name}: ")
     quiet_libraries()
     try:
         session = prepare(settings, console)
-        search(session, console, label=f"{name}: ")
+        search(session, console)
     except UserError as error:
         print(f"abliterate: {name}: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+class LabelledConsole(Console):
+    """Several workers share one terminal: every line a worker prints starts with its name."""
+
+    def __init__(self, label: str):
+        super().__init__(stderr=True, soft_wrap=True, highlight=False)
+        self.label = label
+
+    def print(self, *objects, **options) -> None:
+        if objects and isinstance(objects[0], str):
+            objects = (self.label + objects[0], *objects[1:])
+        super().print(*objects, **options)
 
 
 if __name__ == "__main__":

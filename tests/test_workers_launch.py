@@ -1,4 +1,5 @@
-"""Which GPU each `--workers` process gets, also under a CUDA_VISIBLE_DEVICES of the parent's own."""
+"""The `--workers` launcher: which GPU each process gets (also under a CUDA_VISIBLE_DEVICES of the
+parent's own), and how their lines are told apart."""
 
 from pathlib import Path
 
@@ -72,3 +73,13 @@ def test_gpus_named_where_none_is_visible_is_one_line(monkeypatch, tmp_path: Pat
     monkeypatch.setattr(workers.torch.cuda, "device_count", lambda: 0)
     with pytest.raises(UserError, match=r"^--gpus 0,1 names GPUs, but none is visible; drop --gpus$"):
         workers.launch(Settings(workers=2, gpus=[0, 1]), "sqlite://", "study", tmp_path)
+
+
+def test_every_line_a_worker_prints_starts_with_its_name(capsys):
+    console = workers.LabelledConsole("worker 1 (GPU 3): ")
+    console.print("loading the built-in demo model")
+    console.print("trial    4: refusals   2/10, KL 0.0312")
+    assert capsys.readouterr().err.splitlines() == [
+        "worker 1 (GPU 3): loading the built-in demo model",
+        "worker 1 (GPU 3): trial    4: refusals   2/10, KL 0.0312",
+    ]
