@@ -201,7 +201,7 @@ CASES = [
          "--push-to-hub needs the network, but HF_HUB_OFFLINE is set; unset it or drop --push-to-hub"),
     Case("select a trial that does not exist",
          ["--model", "{model}", *FAST, "--n-trials", "1", "--select", "trial:99", "--output", "{tmp}/out"],
-         "--select trial:99: the study has no finished trial 99"),
+         "--select trial:99: the study has no finished trial 99 (1 finished; on the Pareto front: 0)"),
 ]  # fmt: skip
 
 

@@ -456,9 +456,14 @@ def select_trial(study: optuna.Study, how: str) -> FrozenTrial | None:
         return None
     if how.startswith("trial:"):
         number = int(how[len("trial:") :])
-        matches = [trial for trial in finished_trials(study) if trial.number == number]
+        finished = finished_trials(study)
+        matches = [trial for trial in finished if trial.number == number]
         if not matches:
-            raise UserError(f"--select {how}: the study has no finished trial {number}")
+            front = ", ".join(str(trial.number) for trial in pareto_front(study)) or "none"
+            raise UserError(
+                f"--select {how}: the study has no finished trial {number} "
+                f"({len(finished)} finished; on the Pareto front: {front})"
+            )
         return matches[0]
     front = pareto_front(study)
     if not front:
