@@ -108,6 +108,15 @@ def test_selection():
         select_trial(study, "max-kl:0.001")
 
 
+def test_knee_is_the_trial_farthest_below_the_line_between_the_fronts_ends():
+    # The front of a demo run (README): the corner-nearest trial would be 23/100 at KL 0.083; the
+    # knee is where removing more refusals starts to cost much more KL.
+    front = [(2, 0.1404), (4, 0.1146), (8, 0.0939), (13, 0.0912), (23, 0.0828), (44, 0.0700), (85, 0.0247)]
+    assert select_trial(finished_study(front), "knee").values == [8, 0.0939]
+    # On a straight front every trial is as far from the line; fewer refusals win.
+    assert select_trial(finished_study([(0, 0.3), (5, 0.2), (10, 0.1)]), "knee").values[0] == 0
+
+
 def test_knee_of_a_single_trial():
     study = finished_study([(3, 0.2)])
     assert knee(study.best_trials).number == 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import os
 import signal
 import socket
@@ -485,7 +484,14 @@ def select_trial(study: optuna.Study, how: str) -> FrozenTrial | None:
 
 
 def knee(front: list[FrozenTrial]) -> FrozenTrial:
-    """The front's trial nearest to the ideal point (0 refusals, 0 KL), both scaled to [0, 1]."""
+    """The front's knee: the trial farthest below the line joining its two ends (Kneedle).
+
+    Both objectives are scaled to [0, 1] over the front, so the ends sit at (0, 1) and (1, 0) and
+    the distance below the line between them grows with 1 - refusals - KL: the knee is where one
+    more refusal removed starts to cost more KL than the front's average trade. Ties go to fewer
+    refusals. (The point nearest the ideal corner would favour balance, and on a front whose
+    low-KL end still refuses most prompts it stops half-way.)
+    """
     refusals = [trial.values[0] for trial in front]
     kls = [trial.values[1] for trial in front]
 
@@ -494,5 +500,10 @@ def knee(front: list[FrozenTrial]) -> FrozenTrial:
         return 0.0 if high == low else (value - low) / (high - low)
 
     return min(
-        front, key=lambda trial: math.hypot(scaled(trial.values[0], refusals), scaled(trial.values[1], kls))
+        front,
+        key=lambda trial: (
+            # Rounded: trials equally far from the line must tie, not differ in the last bit.
+            round(scaled(trial.values[0], refusals) + scaled(trial.values[1], kls), 9),
+            trial.values[0],
+        ),
     )
