@@ -8,7 +8,11 @@ random start-up trials, so the sampler costs the same). Each runs as its own pro
 - heretic through `heretic_timed.py`, which calls heretic's own entry point with timers around its
   reset, edit, KL and refusal methods (heretic is configured by its config.toml only, not changed);
 - `ours-4bit`: abliterate on the same model loaded in 4-bit NF4 (`--quantization bnb-4bit`), edited
-  through the rank-1 adapter.
+  through the rank-1 adapter;
+- `ours` generates without the compiled decoder (`--compile false`), `ours-compile` with it
+  (`--compile true`: a static KV cache whose decoding step is compiled into CUDA graphs). The
+  compile happens while the original model's refusals are counted, before the first trial; the
+  wall time of the whole run, printed beside the trial times, includes it.
 
 Per trial: reset, edit, refusal generation, KL, and the total wall time of the trial as Optuna
 recorded it (start to finish, sampler included). Models: the demo model, and a Qwen2.5-7B-shaped
@@ -28,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -100,17 +105,23 @@ class PeakDeviceMemory:
         return total - free
 
 
-def run_ours(model: Path, workdir: Path, args, quantization: str = "none") -> list[dict]:
-    output = workdir / f"ours-{quantization}-{model.name}"
+# Our variants: in place from a GPU cache at full precision; 4-bit weights through the adapter.
+# "ours" generates without the compiled decoder, as every release did before `--compile auto`.
+OUR_FLAGS = {
+    "ours": ["--reset", "gpu-cache", "--compile", "false"],
+    "ours-4bit": ["--reset", "adapter", "--quantization", "bnb-4bit"],
+    "ours-compile": ["--reset", "gpu-cache", "--compile", "true"],
+}
+
+
+def run_ours(model: Path, workdir: Path, args, tool: str = "ours") -> list[dict]:
+    output = workdir / f"{tool}-{model.name}"
     shutil.rmtree(output, ignore_errors=True)
-    # In place from a GPU cache at full precision; 4-bit weights are edited through the adapter.
-    reset = "gpu-cache" if quantization == "none" else "adapter"
     command = [
         sys.executable, "-m", "abliterate", "--model", str(model), "--output", str(output),
         "--dtypes", "bfloat16", "--batch-size", str(args.batch_size), "--max-response-length", str(args.max_response_length),
         "--n-trials", str(args.trials), "--n-startup-trials", str(args.trials), "--seed", "0",
-        "--system-prompt", SYSTEM_PROMPT, "--row-norm", "none", "--select", "none", "--reset", reset,
-        "--quantization", quantization,
+        "--system-prompt", SYSTEM_PROMPT, "--row-norm", "none", "--select", "none", *OUR_FLAGS[tool],
     ]  # fmt: skip
     subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
     storage = f"sqlite:///{output / 'study.db'}"
@@ -185,7 +196,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-response-length", type=int, default=64)
-    parser.add_argument("--tools", default="ours,heretic", help="ours, ours-4bit (bitsandbytes NF4), heretic")
+    parser.add_argument(
+        "--tools", default="ours,heretic", help="ours, ours-4bit (bitsandbytes NF4), ours-compile, heretic"
+    )
     args = parser.parse_args()
     os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # heretic's default, for both
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -200,23 +213,30 @@ def main() -> None:
     for name in args.models.split(","):
         model = prepare_model(name, args.workdir)
         for tool in args.tools.split(","):
+            started = time.perf_counter()
             with PeakDeviceMemory() as memory:
                 if tool == "heretic":
                     rows = run_heretic(model, args.workdir, args)
                 else:
-                    rows = run_ours(model, args.workdir, args, "bnb-4bit" if tool == "ours-4bit" else "none")
-            results[(name, tool)] = {**summary(rows, skip_first=True), "peak_gib": memory.gib}
+                    rows = run_ours(model, args.workdir, args, tool)
+            wall = time.perf_counter() - started
+            results[(name, tool)] = {**summary(rows, skip_first=True), "peak_gib": memory.gib, "wall": wall}
             print(
-                json.dumps({"model": name, "tool": tool, "peak_gib": memory.gib, "trials": rows}), flush=True
+                json.dumps(
+                    {"model": name, "tool": tool, "peak_gib": memory.gib, "wall_s": wall, "trials": rows}
+                ),
+                flush=True,
             )
-    print("\nmedian per trial (first trial excluded), seconds; peak GPU memory of the whole run:")
-    print("| model | tool | reset | edit | refusal generation | KL | trial total | x ours | peak GPU |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\nmedian per trial (first trial excluded), seconds; peak GPU memory and wall time of the whole run:"
+    )
+    print("| model | tool | reset | edit | refusal generation | KL | trial total | x ours | peak GPU | run |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for (name, tool), row in results.items():
         ours = results.get((name, "ours"))
         ratio = f"{row['total'] / ours['total']:.2f}x" if ours and tool != "ours" else ""
         print(f"| {name} | {tool} | {row['reset']:.4f} | {row['edit']:.4f} | {row['refusals']:.3f} | {row['kl']:.3f} | "
-              f"{row['total']:.3f} | {ratio} | {row['peak_gib']:.1f} GiB |")  # fmt: skip
+              f"{row['total']:.3f} | {ratio} | {row['peak_gib']:.1f} GiB | {row['wall']:.0f} s |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Skipped without CUDA (the CI machine has none); run them on a GPU machine with
 import json
 import random
 
+import optuna
 import pytest
 import torch
 from conftest import assert_identical, random_edits, saved, snapshot, tiny_model, tiny_tokenizer
@@ -56,9 +57,10 @@ def test_auto_keeps_a_small_models_cache_on_the_device():
     assert choose_strategy("auto", True, find_components(model)).strategy == "gpu-cache"
 
 
-def test_the_compiled_decoder_sees_in_place_edits_and_restores(tmp_path):
+@pytest.mark.parametrize("architecture", CUDA_ARCHITECTURES)
+def test_the_compiled_decoder_sees_in_place_edits_and_restores(architecture):
     """--compile: trials edit and restore weights under a decoder compiled once."""
-    model = tiny_model("llama").to(torch.bfloat16).to("cuda")
+    model = tiny_model(architecture).to(torch.bfloat16).to("cuda")
     chat = ChatModel(model, tiny_tokenizer(), "tiny", None)
     left_pad(chat.tokenizer)
     enable_compiled_generation(chat, in_place=True)
@@ -94,16 +96,17 @@ def test_the_adapter_leaves_the_weights_alone_and_its_reset_restores_the_outputs
 
 
 @pytest.mark.parametrize(
-    "extra",
+    ("extra", "compiled"),
     [
-        [],
-        ["--quantization", "bnb-4bit"],
-        ["--reset", "host-cache"],
-        ["--compile"],
-        ["--compile", "--reset", "disk"],
+        ([], "true"),  # --compile auto: one CUDA GPU, edited in place
+        (["--compile", "false"], "false"),
+        (["--quantization", "bnb-4bit"], "false"),  # the adapter: auto leaves the decoder alone
+        (["--reset", "host-cache"], "true"),
+        (["--compile"], "true"),
+        (["--compile", "--reset", "disk"], "true"),
     ],
 )
-def test_a_short_study_on_the_device_removes_refusals(extra, tmp_path, monkeypatch, capsys):
+def test_a_short_study_on_the_device_removes_refusals(extra, compiled, tmp_path, monkeypatch, capsys):
     if "bnb-4bit" in extra:
         pytest.importorskip("bitsandbytes")
     monkeypatch.chdir(tmp_path)
@@ -116,3 +119,7 @@ def test_a_short_study_on_the_device_removes_refusals(extra, tmp_path, monkeypat
     result = json.loads((tmp_path / "out" / "model" / "abliterate.json").read_text())
     assert result["refusals"] < baseline / 2, err[-2000:]
     assert result["kl"] > 0
+    storage = f"sqlite:///{tmp_path / 'out' / 'study.db'}"
+    study = optuna.load_study(study_name="abliterate-demo", storage=storage)
+    assert study.user_attrs["scoring"]["--compile"] == compiled
+    assert "compiled decoder failed" not in err

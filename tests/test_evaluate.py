@@ -80,7 +80,8 @@ def test_compiled_generation_uses_a_static_cache_and_answers_alike():
 def test_compiled_generation_needs_one_cuda_gpu_and_in_place_edits():
     model = tiny_chat_model()
     with pytest.raises(
-        UserError, match=r"^--compile needs the whole model on one CUDA GPU, but it is on cpu"
+        UserError,
+        match=r"^--compile needs the whole model on one CUDA GPU, edited in place, but it is on cpu",
     ):
         enable_compiled_generation(model, in_place=True)
     assert not model.compiled_generation

@@ -141,6 +141,91 @@ def test_a_study_continued_with_other_scoring_settings_is_refused(model, tmp_pat
     )
 
 
+def scoring_of(output: Path) -> dict:
+    storage = f"sqlite:///{output / 'study.db'}"
+    return optuna.load_study(study_name="tiny", storage=storage).user_attrs["scoring"]
+
+
+def test_compile_auto_off_a_cuda_gpu_generates_as_usual_and_pins_that(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--model", str(model), *FAST, "--select", "none", "--output", str(tmp_path / "o")]) == 0
+    assert "compiles the decoder" not in capsys.readouterr().err
+    assert scoring_of(tmp_path / "o")["--compile"] == "false"
+
+
+class CompileFails:
+    """Stands in for a compiled decoder that cannot be built: generation fails while it is on."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = ChatModel.generate
+
+        def generate(chat, *args, **kwargs):
+            if chat.compiled_generation:
+                self.calls += 1
+                raise RuntimeError("inductor: no working C compiler\nmore detail")
+            return original(chat, *args, **kwargs)
+
+        monkeypatch.setattr(ChatModel, "generate", generate)
+        # As if the model were on one CUDA GPU.
+        monkeypatch.setattr("abliterate.pipeline.compiled_generation_blocker", lambda *args: None)
+        monkeypatch.setattr("abliterate.pipeline.enable_compiled_generation", _compile_on)
+
+
+def _compile_on(chat, in_place):
+    chat.compiled_generation = True
+
+
+def test_compile_auto_drops_a_decoder_that_fails_to_compile(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    failing = CompileFails(monkeypatch)
+    assert main(["--model", str(model), *FAST, "--select", "none", "--output", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "--compile auto: the first generation compiles the decoder" in err
+    assert (
+        "--compile auto: the compiled decoder failed (RuntimeError: inductor: no working C compiler); "
+        "generating without it" in err
+    )
+    assert failing.calls == 1
+    assert scoring_of(tmp_path / "o")["--compile"] == "false"  # the baseline and the trials ran without it
+
+
+def test_compile_true_that_fails_to_compile_is_one_line(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    CompileFails(monkeypatch)
+    argv = ["--model", str(model), *FAST, "--compile", "--select", "none", "--output", str(tmp_path / "o")]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "abliterate: error: --compile: the compiled decoder failed (RuntimeError: inductor: no working C "
+        "compiler); use --compile auto or false"
+    )
+
+
+def test_compile_auto_follows_the_study(model, tmp_path, monkeypatch, capsys):
+    """A study begun without the compiled decoder continues without it, even where it could run."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", str(model), *FAST, "--select", "none", "--output", str(tmp_path / "o")]
+    assert main(argv) == 0
+    failing = CompileFails(monkeypatch)  # the decoder could now be compiled (and would fail if it were)
+    assert main([*argv, "--n-trials", "3"]) == 0
+    assert failing.calls == 0
+    assert "compiles the decoder" not in capsys.readouterr().err
+
+
+def test_a_study_scored_compiled_is_not_continued_without_it(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", str(model), *FAST, "--select", "none", "--output", str(tmp_path / "o")]
+    assert main(argv) == 0
+    storage = f"sqlite:///{tmp_path / 'o' / 'study.db'}"
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    study.set_user_attr("scoring", {**study.user_attrs["scoring"], "--compile": "true"})
+    assert main([*argv, "--n-trials", "3"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "abliterate: error: study 'tiny' was scored with --compile 'true' (now 'false'); "
+        "give the same values to continue it, or pass another --study-name"
+    )
+
+
 def test_the_saved_tokenizer_is_the_models_own(tmp_path, monkeypatch):
     """The study pads on the left and may invent a pad token; the saved model keeps the original's choices."""
     monkeypatch.chdir(tmp_path)

@@ -96,6 +96,23 @@ def test_bad_values_are_one_line(values, message):
     assert caught.value.exit_code == 2
 
 
+def test_compile_is_auto_unless_told_and_takes_flags_toml_booleans_and_the_environment(
+    tmp_path: Path, monkeypatch
+):
+    assert load_settings({}).compile == "auto"
+    assert parse_settings(["--compile"]).compile == "true"
+    assert parse_settings(["--compile", "false"]).compile == "false"
+    config = tmp_path / "config.toml"
+    config.write_text("compile = true\n")
+    assert load_settings({}, config).compile == "true"
+    monkeypatch.setenv("ABLITERATE_COMPILE", "FALSE")
+    assert load_settings({}, config).compile == "false"
+    with pytest.raises(
+        SettingsError, match=r"^--compile: Input should be 'auto', 'true' or 'false' \(got 'yes'\)$"
+    ):
+        parse_settings(["--compile", "yes"])
+
+
 @pytest.mark.parametrize(
     ("text", "valid"),
     [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = field.description
         if default is not None and "default:" not in (help_text or ""):
             help_text = f"{help_text} (default: {shown})"
-        if field.annotation is bool:
+        if field.annotation is bool or "true" in typing.get_args(field.annotation):
             # `--chat` alone means true; `--cache-weights false` is spelled out.
-            parser.add_argument(
-                flag, dest=name, metavar="true|false", nargs="?", const="true", help=help_text
-            )
+            metavar = (field.json_schema_extra or {}).get("metavar", "true|false")
+            parser.add_argument(flag, dest=name, metavar=metavar, nargs="?", const="true", help=help_text)
         else:
             metavar = (field.json_schema_extra or {}).get("metavar", name.split("_")[-1].upper())
             parser.add_argument(flag, dest=name, metavar=metavar, help=help_text)

@@ -193,8 +193,8 @@ class _StopWhen(transformers.StoppingCriteria):
         return torch.tensor([self.finished(text) for text in texts], device=input_ids.device)
 
 
-def enable_compiled_generation(model: ChatModel, in_place: bool) -> None:
-    """Generate with a compiled static-cache decoder: about 2x faster refusal counting on a GPU.
+def compiled_generation_blocker(model: ChatModel, in_place: bool) -> str | None:
+    """Why the compiled decoder cannot serve this model, or None when it can.
 
     The compiled decoder reads the weights where they lie, so in-place edits and restores reach it
     (benchmarks/results/generation-h200-2026-12-01.md). It needs the whole model on one CUDA
@@ -202,15 +202,19 @@ def enable_compiled_generation(model: ChatModel, in_place: bool) -> None:
     every trial recompile.
     """
     devices = {parameter.device for parameter in model.model.parameters()}
-    device = next(iter(devices))
-    if len(devices) > 1 or device.type != "cuda":
-        where = ", ".join(sorted(str(device) for device in devices))
-        raise UserError(
-            f"--compile needs the whole model on one CUDA GPU, but it is on {where}; drop --compile"
-        )
+    if len(devices) > 1 or next(iter(devices)).type != "cuda":
+        return f"it is on {', '.join(sorted(str(device) for device in devices))}"
     if not in_place:
+        return "its weights are edited through the adapter (--reset adapter, or 4-bit weights)"
+    return None
+
+
+def enable_compiled_generation(model: ChatModel, in_place: bool) -> None:
+    """Generate with a compiled static-cache decoder: about 2x faster refusal counting on a GPU."""
+    blocker = compiled_generation_blocker(model, in_place)
+    if blocker is not None:
         raise UserError(
-            "--compile needs weights edited in place; with --reset adapter (or 4-bit weights) drop --compile"
+            f"--compile needs the whole model on one CUDA GPU, edited in place, but {blocker}; drop --compile"
         )
     model.compiled_generation = True
 

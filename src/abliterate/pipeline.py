@@ -33,6 +33,7 @@ from abliterate import workers
 from abliterate.checkpoint import safetensors_files
 from abliterate.components import EditableModel, find_components
 from abliterate.directions import capture_residuals, refusal_directions
+from abliterate.errors import UserError
 from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers
 from abliterate.export import (
     ModelCard,
@@ -46,6 +47,7 @@ from abliterate.export import (
 from abliterate.model import (
     DEMO_MODEL_NAME,
     ChatModel,
+    compiled_generation_blocker,
     enable_compiled_generation,
     load_chat_model,
     local_folder,
@@ -91,6 +93,8 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU kernel notes on every 4-bit load
+    # Inductor's advice for float32 matrix products; the compiled decoder runs in the model's dtype.
+    warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores")
 
 
 def run(settings: Settings, console: Console | None = None, command: str | None = None) -> Path | None:
@@ -161,9 +165,11 @@ def prepare(settings: Settings, console: Console) -> Session:
     directions = _directions(study, model, editable, prompts, batch_size, console)
 
     choice = choose_strategy(settings.reset, settings.cache_weights, editable)
-    if settings.compile:  # before the evaluator: the baseline is counted by the same decoder as the trials
-        enable_compiled_generation(model, in_place=choice.strategy != "adapter")
-        console.print("--compile: the first generation compiles the decoder (about a minute)")
+    # Before the evaluator: the baseline is counted by the same decoder as the trials.
+    if use_compiled_generation(settings.compile, study, model, in_place=choice.strategy != "adapter"):
+        console.print(
+            f"--compile {settings.compile}: the first generation compiles the decoder (seconds to a minute)"
+        )
 
     # The original log-probabilities must be taken before any edit: build the evaluator first.
     evaluator = Evaluator(
@@ -175,8 +181,12 @@ def prepare(settings: Settings, console: Console) -> Session:
         settings.max_response_length,
     )
     if "baseline_refusals" not in study.user_attrs:  # written last: its presence means both are there
+        baseline = _count_baseline(evaluator, settings.compile, console)
+        pin_scoring(study, {"--compile": str(model.compiled_generation).lower()})
         study.set_user_attr("eval_prompts", len(prompts["harmful_eval"]))
-        study.set_user_attr("baseline_refusals", evaluator.count_refusals())
+        study.set_user_attr("baseline_refusals", baseline)
+    else:
+        pin_scoring(study, {"--compile": str(model.compiled_generation).lower()})
     console.print(
         f"original model: {study.user_attrs['baseline_refusals']}/{len(prompts['harmful_eval'])} refusals"
     )
@@ -211,8 +221,48 @@ def scoring(
         "--row-norm": settings.row_norm,
         "--direction-scope": settings.direction_scope,
         "--quantization": settings.quantization,
-        "--compile": str(settings.compile).lower(),  # compiled kernels round differently
+        # "--compile" too (compiled kernels round differently), pinned once the baseline has been counted.
     }
+
+
+def use_compiled_generation(mode: str, study: optuna.Study, model: ChatModel, in_place: bool) -> bool:
+    """Turn on the compiled decoder for `--compile true`, and for `auto` where it can serve."""
+    if mode == "true":
+        enable_compiled_generation(model, in_place)  # or says why it cannot
+        return True
+    # A study begun without it goes on without it: its trials must stay comparable.
+    if mode == "false" or study.user_attrs.get("scoring", {}).get("--compile") == "false":
+        return False
+    if compiled_generation_blocker(model, in_place) is not None:
+        return False  # a study begun with it is then refused by `pin_scoring`, with the reason
+    # auto is for architectures transformers declares compilable as one graph.
+    if not getattr(model.model, "_can_compile_fullgraph", False):
+        return False
+    model.compiled_generation = True
+    return True
+
+
+def _count_baseline(evaluator: Evaluator, mode: str, console: Console) -> int:
+    """The original model's refusals; under `--compile auto` a decoder that fails to compile is dropped."""
+    try:
+        return evaluator.count_refusals()
+    except UserError:
+        raise
+    except Exception as error:  # torch.compile fails in many ways: inductor, triton, a missing compiler
+        if not evaluator.model.compiled_generation:
+            raise
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        if mode == "true":
+            raise UserError(
+                f"--compile: the compiled decoder failed ({type(error).__name__}: {reason}); "
+                "use --compile auto or false"
+            ) from error
+        console.print(
+            f"--compile auto: the compiled decoder failed ({type(error).__name__}: {reason}); generating without it"
+        )
+        evaluator.model.compiled_generation = False
+        torch._dynamo.reset()
+        return evaluator.count_refusals()
 
 
 def study_location(settings: Settings) -> tuple[Path, str, str]:

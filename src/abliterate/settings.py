@@ -29,6 +29,7 @@ ResetName = Literal["auto", "gpu-cache", "host-cache", "disk", "reload", "adapte
 RowNorm = Literal["none", "pre", "full"]
 DirectionScope = Literal["global", "per-layer", "search"]
 Quantization = Literal["none", "bnb-4bit"]
+CompileMode = Literal["auto", "true", "false"]
 
 
 class PromptSet(BaseModel):
@@ -95,10 +96,12 @@ class Settings(BaseSettings):
     batch_size: int = Field(0, ge=0, description="prompts per batch; 0 = choose from free memory")
     max_response_length: int = Field(64, gt=0, description="new tokens generated when counting refusals")
 
-    compile: bool = Field(
-        False,
+    compile: CompileMode = Field(
+        "auto",
         description="count refusals with a static KV cache that torch.compile turns into CUDA graphs: about "
-        "2x faster generation after a one-off compile of 30-90 s (one CUDA GPU, in-place resets)",
+        "2x faster trials after a one-off compile of 10-90 s. auto: on when the whole model is on one CUDA "
+        "GPU and edited in place, and off again if the compile fails",
+        json_schema_extra={"metavar": "auto|true|false"},
     )
 
     # -- search -----------------------------------------------------------------------------
@@ -173,6 +176,14 @@ class Settings(BaseSettings):
                 "--push-to-hub uploads the saved model, but --select none saves none; pick a trial"
             )
         return self
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_from_bool(cls, value: Any) -> Any:
+        """`compile = true` in TOML is a boolean; flags and the environment give text."""
+        if isinstance(value, bool):
+            return str(value).lower()
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("dtypes", "refusal_markers", "gpus", mode="before")
     @classmethod

@@ -291,12 +291,10 @@ def pin_scoring(study: optuna.Study, scoring: dict[str, str]) -> None:
     """Store what trial scores depend on; a resumed study (or another worker) must score the same way.
 
     `scoring` maps an option to its value, or for a list (the prompts) to a digest of it. Trials
-    scored under other settings would share one Pareto front without being comparable.
+    scored under other settings would share one Pareto front without being comparable. Options
+    may be pinned in several calls: one not stored yet is added.
     """
-    stored = study.user_attrs.get("scoring")
-    if stored is None:
-        study.set_user_attr("scoring", scoring)
-        return
+    stored = study.user_attrs.get("scoring", {})
     changed = [option for option, value in scoring.items() if stored.get(option, value) != value]
     if changed:
         differences = ", ".join(
@@ -306,6 +304,8 @@ def pin_scoring(study: optuna.Study, scoring: dict[str, str]) -> None:
             f"study {study.study_name!r} was scored with {differences}; "
             "give the same values to continue it, or pass another --study-name"
         )
+    if any(option not in stored for option in scoring):  # the first run, or a setting pinned later
+        study.set_user_attr("scoring", {**stored, **scoring})
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
