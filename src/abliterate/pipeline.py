@@ -170,6 +170,9 @@ def prepare(settings: Settings, console: Console) -> Session:
         console.print(
             f"--compile {settings.compile}: the first generation compiles the decoder (seconds to a minute)"
         )
+    counted = "baseline_refusals" in study.user_attrs  # written last: its presence means both are there
+    if counted:  # a resume: a decoder other than the study's is refused before the evaluation starts
+        _pin_decoder(study, model)
 
     # The original log-probabilities must be taken before any edit: build the evaluator first.
     evaluator = Evaluator(
@@ -180,13 +183,11 @@ def prepare(settings: Settings, console: Console) -> Session:
         batch_size,
         settings.max_response_length,
     )
-    if "baseline_refusals" not in study.user_attrs:  # written last: its presence means both are there
+    if not counted:
         baseline = _count_baseline(evaluator, settings.compile, console)
-        pin_scoring(study, {"--compile": str(model.compiled_generation).lower()})
+        _pin_decoder(study, model)  # only now: `auto` may have dropped a decoder that failed to compile
         study.set_user_attr("eval_prompts", len(prompts["harmful_eval"]))
         study.set_user_attr("baseline_refusals", baseline)
-    else:
-        pin_scoring(study, {"--compile": str(model.compiled_generation).lower()})
     console.print(
         f"original model: {study.user_attrs['baseline_refusals']}/{len(prompts['harmful_eval'])} refusals"
     )
@@ -240,6 +241,10 @@ def use_compiled_generation(mode: str, study: optuna.Study, model: ChatModel, in
         return False
     model.compiled_generation = True
     return True
+
+
+def _pin_decoder(study: optuna.Study, model: ChatModel) -> None:
+    pin_scoring(study, {"--compile": str(model.compiled_generation).lower()})
 
 
 def _count_baseline(evaluator: Evaluator, mode: str, console: Console) -> int:
