@@ -1,7 +1,8 @@
 """Residual capture and refusal directions.
 
 The refusal direction of layer l is the normalized difference between the mean residual (after
-layer l, at the last prompt token, in float32) over harmful prompts and over harmless ones.
+layer l, at the last prompt token, in float32) over harmful prompts and over harmless ones, or
+that difference made orthogonal to the harmless mean (`projected`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from torch import nn
 
 from abliterate.errors import UserError
 from abliterate.model import Batch, ChatModel, in_halves_on_oom
+
+DIRECTION_METHODS = ("mean-difference", "projected")
 
 
 def capture_residuals(
@@ -30,15 +33,33 @@ def capture_residuals(
     return torch.cat(parts)
 
 
-def refusal_directions(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
-    """Unit mean-difference directions per layer, (layers, hidden), from (prompts, layers, hidden) residuals."""
+def refusal_directions(
+    harmful: torch.Tensor, harmless: torch.Tensor, method: str = "mean-difference"
+) -> torch.Tensor:
+    """Unit refusal directions per layer, (layers, hidden), from (prompts, layers, hidden) residuals.
+
+    `mean-difference`: the harmful mean minus the harmless mean. `projected`: that difference with
+    its component along the harmless mean removed (projected abliteration): the harmless mean is
+    what every prompt's residual shares, so an edit along it damages ordinary answers too.
+    """
+    if method not in DIRECTION_METHODS:
+        raise ValueError(f"method must be one of {DIRECTION_METHODS}, got {method!r}")
     for name, residuals in (("harmful", harmful), ("harmless", harmless)):
         if not torch.isfinite(residuals).all():
             raise UserError(
                 f"the residuals of the {name} prompts contain NaN or inf; try another --dtypes (float32)"
             )
-    difference = harmful.float().mean(dim=0) - harmless.float().mean(dim=0)
+    harmless_mean = harmless.float().mean(dim=0)
+    difference = harmful.float().mean(dim=0) - harmless_mean
+    if method == "projected":
+        along = unit_rows(harmless_mean)
+        difference = difference - (difference * along).sum(dim=-1, keepdim=True) * along
     norms = difference.norm(dim=-1, keepdim=True)
     if (norms == 0).any():
         raise UserError("harmful and harmless prompts give identical mean residuals; check the prompt sets")
     return difference / norms
+
+
+def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
+    """Each row scaled to length 1 (a zero row stays zero)."""
+    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(vectors.dtype).tiny)

@@ -56,10 +56,10 @@ from abliterate.model import (
 from abliterate.prompts import load_prompts
 from abliterate.reset import AdapterEditor, Edit, Editor, apply_edit, choose_strategy, describe, make_editor
 from abliterate.settings import Settings, is_selection
+from abliterate.space import SearchSpace, edits_from_params
 from abliterate.study import (
     Objective,
-    SearchSpace,
-    edits_from_params,
+    enqueue_warm_starts,
     finished_trials,
     open_storage,
     open_study,
@@ -67,6 +67,7 @@ from abliterate.study import (
     pin_scoring,
     run_study,
     select_trial,
+    startup_trials,
 )
 
 STUDY_FILE = "study.db"
@@ -151,7 +152,11 @@ def prepare(settings: Settings, console: Console) -> Session:
     prepare_output(output, model.folder)  # again: a hub model's folder is known only now
     clean_partials(output)
     study = open_study(
-        open_storage(storage_url), study_name, settings.seed, settings.n_startup_trials, model.source
+        open_storage(storage_url),
+        study_name,
+        settings.seed,
+        startup_trials(settings.n_trials, settings.n_startup_trials),
+        model.source,
     )
     pin_scoring(study, scoring(settings, model, prompts, detector))
 
@@ -162,7 +167,7 @@ def prepare(settings: Settings, console: Console) -> Session:
     console.print(
         f"{model.name}: {editable.num_layers} layers, dtype {str(model.dtype).removeprefix('torch.')}, batch size {batch_size}"
     )
-    directions = _directions(study, model, editable, prompts, batch_size, console)
+    directions = _directions(study, model, editable, prompts, batch_size, settings.direction, console)
 
     choice = choose_strategy(settings.reset, settings.cache_weights, editable)
     # Before the evaluator: the baseline is counted by the same decoder as the trials.
@@ -221,6 +226,8 @@ def scoring(
         "chat template": digest([str(model.tokenizer.chat_template)]),
         "--row-norm": settings.row_norm,
         "--direction-scope": settings.direction_scope,
+        "--direction": settings.direction,
+        "--search-space": settings.search_space,
         "--quantization": settings.quantization,
         # "--compile" too (compiled kernels round differently), pinned once the baseline has been counted.
     }
@@ -279,7 +286,7 @@ def study_location(settings: Settings) -> tuple[Path, str, str]:
 
 
 def _directions(
-    study, model: ChatModel, editable, prompts, batch_size: int, console: Console
+    study, model: ChatModel, editable, prompts, batch_size: int, method: str, console: Console
 ) -> torch.Tensor:
     """Refusal directions, computed once per study and kept in it, so resumes and workers share them."""
     directions = _stored_directions(study)
@@ -292,7 +299,7 @@ def _directions(
                 residuals[name] = capture_residuals(
                     model, batches, editable.layers, on_batch=lambda n, task=task: progress.advance(task, n)
                 )
-        computed = refusal_directions(residuals["harmful_train"], residuals["harmless_train"])
+        computed = refusal_directions(residuals["harmful_train"], residuals["harmless_train"], method)
         # A worker that started at the same time may have stored its directions first: use those.
         directions = _stored_directions(study)
         if directions is None:
@@ -339,7 +346,11 @@ def search(session: Session, console: Console) -> None:
         console.print(
             f"resuming study {session.study.study_name!r}: {done} of {settings.n_trials} trials finished"
         )
-    space = SearchSpace(session.editable.num_layers, direction_scope=settings.direction_scope)
+    space = SearchSpace(
+        session.editable.num_layers, direction_scope=settings.direction_scope, ranges=settings.search_space
+    )
+    if settings.warm_starts:
+        enqueue_warm_starts(session.study, space.warm_starts())
     eval_prompts = session.study.user_attrs["eval_prompts"]
 
     def report(trial: optuna.Trial, scores) -> None:

@@ -30,6 +30,8 @@ RowNorm = Literal["none", "pre", "full"]
 DirectionScope = Literal["global", "per-layer", "search"]
 Quantization = Literal["none", "bnb-4bit"]
 CompileMode = Literal["auto", "true", "false"]
+DirectionMethod = Literal["mean-difference", "projected"]
+SpaceName = Literal["calibrated", "wide"]
 
 
 class PromptSet(BaseModel):
@@ -106,11 +108,29 @@ class Settings(BaseSettings):
 
     # -- search -----------------------------------------------------------------------------
     n_trials: int = Field(200, gt=0, description="finished trials the study should hold")
-    n_startup_trials: int = Field(60, ge=0, description="random trials before TPE takes over")
+    n_startup_trials: int | None = Field(
+        None,
+        ge=0,
+        description="random trials before TPE takes over; default: 0.3 x --n-trials, between 10 and 60",
+        json_schema_extra={"metavar": "N"},
+    )
+    warm_starts: bool = Field(
+        True,
+        description="begin a new study with three classic edits (one direction, weight 1) for TPE to start from",
+    )
+    search_space: SpaceName = Field(
+        "calibrated",
+        description="parameter ranges: calibrated (measured on real models) or wide (any depth, as before 0.2)",
+    )
     seed: int = Field(0, ge=0, lt=2**32, description="seed of the sampler")
     direction_scope: DirectionScope = Field(
         "search",
         description="global: one interpolated direction; per-layer: each layer's own; search: let Optuna choose",
+    )
+    direction: DirectionMethod = Field(
+        "projected",
+        description="refusal direction: mean-difference (harmful minus harmless mean), or projected "
+        "(its part orthogonal to the harmless mean, which leaves what harmless prompts share alone)",
     )
     row_norm: RowNorm = Field(
         "none", description="none, pre (edit row-normalized), full (rows keep their norms)"

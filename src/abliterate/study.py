@@ -1,8 +1,7 @@
-"""The Optuna study: search space, objectives, storage, resume, and picking a trial.
+"""The Optuna study: objectives, storage, resume, and picking a trial.
 
-Each trial samples, per component (`attn`, `mlp`), a kernel of ablation weights over layers and
-a refusal direction (one interpolated between layers, or each layer's own), edits the model,
-scores it on two objectives to minimise, refusals and KL divergence, and resets it. The storage is
+Each trial samples its parameters from the search space (`space.py`), edits the model, scores it
+on two objectives to minimise, refusals and KL divergence, and resets it. The storage is
 any Optuna storage URL; the default is an SQLite file, so rerunning the same command continues the
 same study and runs only the trials still missing.
 """
@@ -18,7 +17,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -28,66 +26,15 @@ from optuna.storages._rdb import models as optuna_tables
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import DBAPIError
 
-from abliterate.ablation import Kernel, interpolate_direction
-from abliterate.components import COMPONENTS
 from abliterate.errors import UserError
 from abliterate.evaluate import Evaluator, NumericalFault, Scores
 from abliterate.reset import Edit, Editor
+from abliterate.space import SearchSpace, edits_from_params
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # which process finished a trial, for the record
 # Heartbeats let Optuna mark the trial of a killed worker as failed instead of running forever.
 HEARTBEAT_SECONDS = 10
 MAX_CONSECUTIVE_FAILURES = 20
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    num_layers: int
-    components: tuple[str, ...] = COMPONENTS
-    direction_scope: str = "search"
-
-    def sample(self, trial: optuna.Trial) -> dict:
-        """Suggest every parameter of one trial (Optuna records them in the storage)."""
-        last = self.num_layers - 1
-        scope = self.direction_scope
-        if scope == "search":
-            scope = trial.suggest_categorical("direction_scope", ["global", "per-layer"])
-        if scope == "global":
-            trial.suggest_float("direction_index", 0.2 * last, 0.95 * last)
-        for component in self.components:
-            trial.suggest_float(f"{component}.max_weight", 0.8, 1.5)
-            trial.suggest_float(f"{component}.max_weight_position", 0.3 * last, last)
-            trial.suggest_float(f"{component}.min_weight_fraction", 0.0, 1.0)
-            trial.suggest_float(f"{component}.min_weight_distance", 1.0, max(1.0, float(last)))
-        return trial.params
-
-
-def edits_from_params(params: dict, directions: torch.Tensor) -> list[Edit]:
-    """The edits a trial's parameters describe: one per (layer, component) with a non-zero weight.
-
-    The parameters say everything: which components were searched, and the direction scope (a
-    searched scope is a parameter; a fixed global scope leaves a direction index; per-layer, none).
-    So a stored trial rebuilds the same edits whatever flags the command that saves it was given.
-    """
-    num_layers = directions.shape[0]
-    scope = params.get("direction_scope") or ("global" if "direction_index" in params else "per-layer")
-    shared = interpolate_direction(directions, params["direction_index"]) if scope == "global" else None
-    edits = []
-    for component in COMPONENTS:
-        if f"{component}.max_weight" not in params:
-            continue
-        max_weight = params[f"{component}.max_weight"]
-        kernel = Kernel(
-            max_weight=max_weight,
-            max_weight_position=params[f"{component}.max_weight_position"],
-            min_weight=params[f"{component}.min_weight_fraction"] * max_weight,
-            min_weight_distance=params[f"{component}.min_weight_distance"],
-        )
-        for layer, weight in enumerate(kernel.weights(num_layers)):
-            if weight > 0:
-                direction = shared if shared is not None else directions[layer]
-                edits.append(Edit(layer, component, direction, weight))
-    return edits
 
 
 class Objective:
@@ -267,6 +214,7 @@ def open_study(
     study.sampler = TrialSeededSampler(
         seed,
         n_startup_trials=n_startup_trials,
+        n_ei_candidates=128,  # a better pick for each trial, at a cost far below a trial's
         multivariate=True,
         constant_liar=True,  # several workers: running trials count as pessimistic results
     )
@@ -280,6 +228,25 @@ def open_study(
         )
     study.set_metric_names(["refusals", "kl"])
     return study
+
+
+def startup_trials(n_trials: int, n_startup_trials: int | None) -> int:
+    """Random trials before TPE takes over: as given, or 30% of the study, at least 10 and at most 60.
+
+    A fixed 60 left a 40-trial study entirely random; too few leave TPE fitting noise.
+    """
+    if n_startup_trials is not None:
+        return n_startup_trials
+    return min(60, max(10, round(0.3 * n_trials)))
+
+
+def enqueue_warm_starts(study: optuna.Study, starts: list[dict]) -> None:
+    """Queue `starts` as the first trials of a new study; a study that has trials already is left alone."""
+    if study.get_trials(deepcopy=False) or study.user_attrs.get("warm_starts_queued"):
+        return
+    study.set_user_attr("warm_starts_queued", len(starts))  # first: a second worker skips them
+    for params in starts:
+        study.enqueue_trial(params)
 
 
 def _same_source(first: str, second: str) -> bool:

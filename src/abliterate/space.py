@@ -1,0 +1,136 @@
+"""The search space: what a trial's parameters are, where they are drawn from, and the edits they mean.
+
+A trial samples, per component (`attn`, `mlp`), a kernel of ablation weights over layers (see
+`ablation.Kernel`) and a refusal direction: one interpolated between layers (`global`), or each
+layer's own (`per-layer`). Ranges are fractions of the last layer index, so one space serves
+models of any depth.
+
+Two rules keep the multivariate TPE sampler effective. Every parameter is sampled in every trial,
+even where a trial ignores it (the direction index under `per-layer`): multivariate TPE models
+conditional parameters poorly. And no range depends on another parameter: the minimum weight is a
+fraction of the maximum, not a value below it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import optuna
+import torch
+
+from abliterate.ablation import Kernel, interpolate_direction
+from abliterate.components import COMPONENTS
+from abliterate.reset import Edit
+
+
+@dataclass(frozen=True)
+class Ranges:
+    """Bounds of each parameter; positions and distances are fractions of the last layer index."""
+
+    direction_index: tuple[float, float]
+    max_weight: tuple[float, float]
+    max_weight_position: tuple[float, float]
+    min_weight_fraction: tuple[float, float]
+    min_weight_distance: tuple[float, float]
+
+
+RANGES = {
+    # Measured on safety-tuned real models (benchmarks/quality.py): refusal lives in the upper half
+    # of the stack, and edits reaching far down cost KL for little gain.
+    "calibrated": Ranges(
+        direction_index=(0.4, 1.0),
+        max_weight=(0.8, 1.5),
+        max_weight_position=(0.6, 1.0),
+        min_weight_fraction=(0.0, 1.0),
+        min_weight_distance=(0.0, 0.6),
+    ),
+    # The ranges of earlier releases: any depth, kernels as wide as the model.
+    "wide": Ranges(
+        direction_index=(0.2, 0.95),
+        max_weight=(0.8, 1.5),
+        max_weight_position=(0.3, 1.0),
+        min_weight_fraction=(0.0, 1.0),
+        min_weight_distance=(0.0, 1.0),
+    ),
+}
+SPACES = tuple(RANGES)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    num_layers: int
+    components: tuple[str, ...] = COMPONENTS
+    direction_scope: str = "search"
+    ranges: str = "calibrated"
+
+    def bounds(self, name: str) -> tuple[float, float]:
+        """A parameter's bounds in layers (or as they are, for weights)."""
+        low, high = getattr(RANGES[self.ranges], name)
+        if name in ("max_weight", "min_weight_fraction"):
+            return low, high
+        last = self.num_layers - 1
+        if name == "min_weight_distance":  # at least one layer, so that a kernel has a slope
+            return max(1.0, low * last), max(1.0, high * last)
+        return low * last, high * last
+
+    def sample(self, trial: optuna.Trial) -> dict:
+        """Suggest every parameter of one trial (Optuna records them in the storage)."""
+        if self.direction_scope == "search":
+            trial.suggest_categorical("direction_scope", ["global", "per-layer"])
+        if self.direction_scope in ("search", "global"):
+            trial.suggest_float("direction_index", *self.bounds("direction_index"))
+        for component in self.components:
+            for name in ("max_weight", "max_weight_position", "min_weight_fraction", "min_weight_distance"):
+                trial.suggest_float(f"{component}.{name}", *self.bounds(name))
+        return trial.params
+
+    def warm_starts(self) -> list[dict]:
+        """Trials to run first, so that TPE starts from edits known to work on real models.
+
+        One global direction projected out at a flat weight of 1 (the classic abliteration of Arditi
+        et al.) over the widest kernel the ranges allow, ending at the last layer; the direction is
+        taken from the middle of its range, then from a quarter and three quarters of the way.
+        """
+        if self.direction_scope == "per-layer":
+            return []
+        low, high = self.bounds("direction_index")
+        starts = []
+        for fraction in (0.5, 0.25, 0.75):
+            params: dict = {"direction_index": low + fraction * (high - low)}
+            if self.direction_scope == "search":
+                params["direction_scope"] = "global"
+            for component in self.components:
+                params[f"{component}.max_weight"] = 1.0
+                params[f"{component}.max_weight_position"] = self.bounds("max_weight_position")[1]
+                params[f"{component}.min_weight_fraction"] = 1.0
+                params[f"{component}.min_weight_distance"] = self.bounds("min_weight_distance")[1]
+            starts.append(params)
+        return starts
+
+
+def edits_from_params(params: dict, directions: torch.Tensor) -> list[Edit]:
+    """The edits a trial's parameters describe: one per (layer, component) with a non-zero weight.
+
+    The parameters say everything: which components were searched, and the direction scope (a
+    searched scope is a parameter; a fixed global scope leaves a direction index; per-layer, none).
+    So a stored trial rebuilds the same edits whatever flags the command that saves it was given.
+    """
+    num_layers = directions.shape[0]
+    scope = params.get("direction_scope") or ("global" if "direction_index" in params else "per-layer")
+    shared = interpolate_direction(directions, params["direction_index"]) if scope == "global" else None
+    edits = []
+    for component in COMPONENTS:
+        if f"{component}.max_weight" not in params:
+            continue
+        max_weight = params[f"{component}.max_weight"]
+        kernel = Kernel(
+            max_weight=max_weight,
+            max_weight_position=params[f"{component}.max_weight_position"],
+            min_weight=params[f"{component}.min_weight_fraction"] * max_weight,
+            min_weight_distance=params[f"{component}.min_weight_distance"],
+        )
+        for layer, weight in enumerate(kernel.weights(num_layers)):
+            if weight > 0:
+                direction = shared if shared is not None else directions[layer]
+                edits.append(Edit(layer, component, direction, weight))
+    return edits
