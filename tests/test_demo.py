@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 
+import optuna
 import pytest
 import torch
 import transformers
@@ -17,6 +18,7 @@ from abliterate.directions import capture_residuals, refusal_directions
 from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers
 from abliterate.model import demo_model_path, load_chat_model
 from abliterate.prompts import builtin_prompts
+from abliterate.space import SearchSpace
 
 pytestmark = pytest.mark.slow
 
@@ -119,3 +121,43 @@ def test_a_short_study_on_the_demo_model_removes_refusals(tmp_path, monkeypatch,
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+def demo_study(tmp_path, *flags: str):
+    """A 4-trial study of the demo model with small prompt sets; the study, once finished."""
+    output = tmp_path / "out"
+    argv = ["--n-trials", "4", "--select", "none", "--output", str(output), "--max-response-length", "8",
+            "--harmful-train-split", "train[:64]", "--harmless-train-split", "train[:64]",
+            "--harmful-eval-split", "eval[:16]", "--harmless-eval-split", "eval[:16]", *flags]  # fmt: skip
+    assert main(argv) == 0
+    return optuna.load_study(study_name="abliterate-demo", storage=f"sqlite:///{output / 'study.db'}")
+
+
+@pytest.mark.parametrize("method", ["mean-difference", "projected"])
+def test_a_demo_study_with_each_direction_method(tmp_path, monkeypatch, method):
+    monkeypatch.chdir(tmp_path)
+    study = demo_study(tmp_path, "--direction", method)
+    assert study.user_attrs["scoring"]["--direction"] == method
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 4
+
+
+def test_a_demo_study_in_the_wide_space_draws_from_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study = demo_study(tmp_path, "--search-space", "wide", "--n-startup-trials", "4")
+    space = SearchSpace(num_layers=6, ranges="wide")
+    positions = [trial.params["mlp.max_weight_position"] for trial in study.trials]
+    assert all(space.bounds("max_weight_position")[0] <= p <= 5 for p in positions)
+
+
+def test_a_demo_study_with_warm_starts_begins_with_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study = demo_study(tmp_path, "--warm-starts")
+    starts = SearchSpace(num_layers=6).warm_starts()
+    assert [trial.params for trial in study.trials[:3]] == starts
+
+
+def test_a_demo_study_stops_starting_trials_when_its_time_budget_is_spent(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    study = demo_study(tmp_path, "--time-budget", "0.01")  # spent while the model loads
+    assert not study.trials
+    assert "--time-budget spent: 0 of 4 trials finished" in capsys.readouterr().err

@@ -17,6 +17,38 @@ def test_directions_are_normalized_mean_differences():
     assert torch.allclose(directions.double(), expected, atol=1e-6)
 
 
+def test_projected_directions_are_the_unit_part_orthogonal_to_the_harmless_mean():
+    harmful = torch.randn(10, 3, 8) + torch.tensor([1.0, 2.0] + [0.0] * 6)
+    harmless = torch.randn(12, 3, 8) + torch.tensor([0.0, 3.0] + [0.0] * 6)
+    directions = refusal_directions(harmful, harmless, "projected")
+    harmless_mean = harmless.double().mean(0)
+    difference = harmful.double().mean(0) - harmless_mean
+    along = harmless_mean / harmless_mean.norm(dim=-1, keepdim=True)
+    expected = difference - (difference * along).sum(-1, keepdim=True) * along
+    expected = expected / expected.norm(dim=-1, keepdim=True)
+    assert torch.allclose(directions.double(), expected, atol=1e-6)
+    assert torch.allclose(
+        (directions.double() * along).sum(-1), torch.zeros(3, dtype=torch.float64), atol=1e-6
+    )
+    assert torch.allclose(directions.norm(dim=-1), torch.ones(3))
+    # Not the plain mean difference: the harmless mean shares its second coordinate.
+    assert not torch.allclose(directions, refusal_directions(harmful, harmless), atol=1e-3)
+
+
+def test_a_difference_already_orthogonal_to_the_harmless_mean_is_kept():
+    harmless = torch.zeros(4, 1, 3)
+    harmless[:, 0, 0] = 2.0  # the harmless mean lies along the first axis
+    harmful = harmless.clone()
+    harmful[:, 0, 2] = 5.0  # and the difference along the third
+    for method in ("mean-difference", "projected"):
+        assert torch.allclose(refusal_directions(harmful, harmless, method), torch.tensor([[0.0, 0.0, 1.0]]))
+
+
+def test_an_unknown_direction_method_is_refused():
+    with pytest.raises(ValueError, match="method must be one of"):
+        refusal_directions(torch.randn(4, 2, 8), torch.randn(4, 2, 8), "median")
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_residuals_stop_with_a_clear_message(bad):
     harmful = torch.randn(4, 2, 8)

@@ -13,6 +13,13 @@ from abliterate.settings import Settings, is_selection, load_settings
 def test_defaults():
     settings = load_settings({})
     assert settings.n_trials == 200
+    assert settings.n_startup_trials is None  # scaled to --n-trials by the study
+    assert (settings.direction, settings.search_space, settings.warm_starts) == (
+        "projected",
+        "calibrated",
+        False,
+    )
+    assert settings.time_budget is None
     assert settings.cache_weights is True
     assert settings.reset == "auto"
     assert settings.harmful_eval.source == "builtin:harmful" and settings.harmful_eval.split == "eval"
@@ -87,6 +94,12 @@ def test_every_field_has_a_flag():
         ({"max_response_length": "0"}, "--max-response-length: Input should be greater than 0 (got '0')"),
         ({"row_norm": "half"}, "--row-norm: Input should be 'none', 'pre' or 'full' (got 'half')"),
         ({"refusal_markers": " , "}, "--refusal-markers: give at least one marker (got ' , ')"),
+        ({"time_budget": "soon"}, "--time-budget: write a duration as 90s, 30m, 2h or 1h30m (got 'soon')"),
+        ({"time_budget": "0s"}, "--time-budget: Input should be greater than 0 (got 0.0)"),
+        (
+            {"direction": "median"},
+            "--direction: Input should be 'mean-difference' or 'projected' (got 'median')",
+        ),
     ],
 )
 def test_bad_values_are_one_line(values, message):
@@ -175,3 +188,8 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("abliterate ")
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("30m", 1800), ("2h", 7200), ("1h30m", 5400), ("1.5h", 5400), ("1m 30s", 90)])  # fmt: skip
+def test_a_time_budget_is_a_duration(text, seconds):
+    assert load_settings({"time_budget": text}).time_budget == seconds

@@ -1,4 +1,4 @@
-"""Search space, edits from parameters, and choosing a trial."""
+"""The study: objectives, storage, start-up and warm-start trials, and choosing a trial."""
 
 import os
 import socket
@@ -14,75 +14,21 @@ from sqlalchemy.exc import ProgrammingError
 
 from abliterate.errors import UserError
 from abliterate.evaluate import NumericalFault
+from abliterate.space import SearchSpace
 from abliterate.study import (
     MAX_CONSECUTIVE_FAILURES,
     Objective,
-    SearchSpace,
-    edits_from_params,
+    enqueue_warm_starts,
     fail_stale_trials,
     knee,
     open_storage,
     open_study,
+    pareto_front,
     pin_scoring,
     run_study,
     select_trial,
+    startup_trials,
 )
-
-
-def params(scope="global", **overrides):
-    values = {
-        "direction_scope": scope,
-        "direction_index": 2.5,
-        "attn.max_weight": 1.0, "attn.max_weight_position": 3.0, "attn.min_weight_fraction": 0.5,
-        "attn.min_weight_distance": 1.0,
-        "mlp.max_weight": 1.2, "mlp.max_weight_position": 5.0, "mlp.min_weight_fraction": 0.0,
-        "mlp.min_weight_distance": 2.0,
-    }  # fmt: skip
-    values.update(overrides)
-    return values
-
-
-def test_edits_follow_the_kernels():
-    directions = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
-    edits = edits_from_params(params(), directions)
-    by_key = {(edit.layer, edit.component): edit for edit in edits}
-    assert {layer for layer, component in by_key if component == "attn"} == {2, 3, 4}
-    assert by_key[(3, "attn")].weight == pytest.approx(1.0)
-    assert by_key[(2, "attn")].weight == pytest.approx(0.5)
-    assert {layer for layer, component in by_key if component == "mlp"} == {
-        4,
-        5,
-    }  # weight 0 at layer 3: untouched
-    assert by_key[(4, "mlp")].weight == pytest.approx(0.6)
-    shared = edits[0].direction
-    assert all(torch.equal(edit.direction, shared) for edit in edits)
-
-
-def test_per_layer_scope_uses_each_layers_direction():
-    directions = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
-    for edit in edits_from_params(params("per-layer"), directions):
-        assert torch.equal(edit.direction, directions[edit.layer])
-
-
-@pytest.mark.parametrize("scope", ["global", "per-layer"])
-def test_a_trial_of_a_fixed_scope_rebuilds_its_own_edits(scope):
-    """Stored parameters say their scope and components; no flag of a later command changes them."""
-    directions = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
-    study = optuna.create_study(directions=["minimize", "minimize"])
-    trial = study.ask()
-    stored = SearchSpace(num_layers=6, components=("mlp",), direction_scope=scope).sample(trial)
-    edits = edits_from_params(stored, directions)
-    assert edits and {edit.component for edit in edits} == {"mlp"}
-    per_layer = all(torch.equal(edit.direction, directions[edit.layer]) for edit in edits)
-    assert per_layer == (scope == "per-layer")
-
-
-def test_search_space_suggests_every_parameter():
-    study = optuna.create_study(directions=["minimize", "minimize"])
-    trial = study.ask()
-    sampled = SearchSpace(num_layers=8, direction_scope="global").sample(trial)
-    assert set(sampled) == set(params()) - {"direction_scope"}
-    assert 0 <= sampled["direction_index"] <= 7
 
 
 def finished_study(points):
@@ -294,3 +240,75 @@ def test_a_journal_file_in_a_new_folder_is_created(tmp_path):
     storage = open_storage(f"journal:{tmp_path / 'new' / 'journal.log'}")
     optuna.create_study(storage=storage, study_name="s").optimize(lambda trial: 1.0, n_trials=1)
     assert (tmp_path / "new" / "journal.log").is_file()
+
+
+@pytest.mark.parametrize(("n_trials", "given", "expected"), [(40, None, 15), (10, None, 10), (100, None, 30), (200, None, 60), (1000, None, 60), (40, 3, 3), (40, 0, 0)])  # fmt: skip
+def test_start_up_trials_scale_with_the_study_unless_given(n_trials, given, expected):
+    assert startup_trials(n_trials, given) == expected
+
+
+def test_warm_starts_are_queued_once_and_only_in_a_new_study(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = open_study(open_storage(url), "s", seed=0, n_startup_trials=10, model_source="m")
+    starts = [{"direction_index": 1.0}, {"direction_index": 2.0}]
+    enqueue_warm_starts(study, starts)
+    enqueue_warm_starts(study, starts)  # a second worker, or a rerun before any trial ran
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [trial.system_attrs["fixed_params"] for trial in waiting] == starts
+    used = open_study(open_storage(f"sqlite:///{tmp_path / 'other.db'}"), "s", 0, 10, "m")
+    used.add_trial(optuna.trial.create_trial(values=[1, 0.1], params={}, distributions={}))
+    enqueue_warm_starts(used, starts)
+    assert not used.get_trials(states=(TrialState.WAITING,))
+
+
+def test_a_study_begun_before_projected_directions_continues_only_with_mean_differences():
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.set_user_attr("scoring", {"--row-norm": "none"})  # pinned before --direction existed
+    with pytest.raises(UserError, match=r"--direction 'mean-difference' \(now 'projected'\)"):
+        pin_scoring(study, {"--row-norm": "none", "--direction": "projected"})
+    pin_scoring(study, {"--row-norm": "none", "--direction": "mean-difference"})
+    assert study.user_attrs["scoring"]["--direction"] == "mean-difference"
+
+
+class CountingEvaluator(FakeEvaluator):
+    def __init__(self, outcomes):
+        super().__init__(outcomes)
+        self.counted = 0
+
+    def count_refusals(self):
+        self.counted += 1
+        return super().count_refusals()
+
+
+def test_refusals_are_not_counted_for_a_trial_at_least_as_far_as_one_without_refusals():
+    """A trial whose KL is at least that of a trial with no refusals is dominated whatever it refuses."""
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    evaluator = CountingEvaluator([(3, 0.05), (0, 0.2), (1, 0.3), (0, 0.2), (2, 0.1)])
+    directions = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    objective = Objective(FakeEditor(), evaluator, directions, SearchSpace(4), "none", baseline_refusals=9)
+    run_study(study, objective, n_trials=5)
+    assert evaluator.counted == 3  # trials 2 (KL 0.3) and 3 (KL 0.2, a tie) were not generated
+    assert [tuple(trial.values) for trial in study.trials] == [
+        (3, 0.05),
+        (0, 0.2),
+        (9, 0.3),
+        (9, 0.2),
+        (2, 0.1),
+    ]
+    assert [trial.user_attrs.get("refusals_counted", True) for trial in study.trials] == [
+        True,
+        True,
+        False,
+        False,
+        True,
+    ]
+    assert {trial.number for trial in pareto_front(study)} == {0, 1, 4}
+
+
+def test_no_trial_starts_after_the_deadline():
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    objective, _ = objective_with([(5, 0.1), (3, 0.2)])
+    run_study(study, objective, n_trials=2, deadline=time.monotonic() - 1)
+    assert not study.trials
+    run_study(study, objective, n_trials=2, deadline=time.monotonic() + 3600)
+    assert len(study.trials) == 2

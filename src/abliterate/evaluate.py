@@ -54,6 +54,9 @@ def kl_divergence(reference_logprobs: torch.Tensor, logprobs: torch.Tensor) -> t
 class Scores:
     refusals: int
     kl: float
+    # False when the trial's KL kept it off the front whatever its refusals: they were not counted,
+    # and `refusals` holds the original model's count.
+    refusals_counted: bool = True
 
 
 class NumericalFault(RuntimeError):

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import shlex
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,7 @@ class Session:
     evaluator: Evaluator
     editor: Editor
     output: Path
+    deadline: float | None  # time.monotonic() after which no trial starts (--time-budget)
 
 
 def quiet_libraries() -> None:
@@ -132,6 +134,8 @@ def run(settings: Settings, console: Console | None = None, command: str | None 
 
 
 def prepare(settings: Settings, console: Console) -> Session:
+    # The time budget counts from here: the model's load and the directions are part of what it buys.
+    deadline = time.monotonic() + settings.time_budget if settings.time_budget else None
     prompts = {
         name: load_prompts(getattr(settings, name), "--" + name.replace("_", "-"))
         for name in ("harmful_train", "harmless_train", "harmful_eval", "harmless_eval")
@@ -206,7 +210,7 @@ def prepare(settings: Settings, console: Console) -> Session:
         reload=lambda: _reload(model, settings.trust_remote_code),
         verify=settings.verify_restore,
     )
-    return Session(settings, model, editable, study, directions, evaluator, editor, output)
+    return Session(settings, model, editable, study, directions, evaluator, editor, output, deadline)
 
 
 def scoring(
@@ -227,7 +231,6 @@ def scoring(
         "--row-norm": settings.row_norm,
         "--direction-scope": settings.direction_scope,
         "--direction": settings.direction,
-        "--search-space": settings.search_space,
         "--quantization": settings.quantization,
         # "--compile" too (compiled kernels round differently), pinned once the baseline has been counted.
     }
@@ -354,12 +357,24 @@ def search(session: Session, console: Console) -> None:
     eval_prompts = session.study.user_attrs["eval_prompts"]
 
     def report(trial: optuna.Trial, scores) -> None:
-        console.print(
-            f"trial {trial.number:>4}: refusals {scores.refusals:>3}/{eval_prompts}, KL {scores.kl:.4f}"
-        )
+        if scores.refusals_counted:
+            console.print(
+                f"trial {trial.number:>4}: refusals {scores.refusals:>3}/{eval_prompts}, KL {scores.kl:.4f}"
+            )
+        else:
+            console.print(
+                f"trial {trial.number:>4}: KL {scores.kl:.4f}, refusals not counted "
+                "(a trial without refusals has no more KL)"
+            )
 
     objective = Objective(
-        session.editor, session.evaluator, session.directions, space, settings.row_norm, report
+        session.editor,
+        session.evaluator,
+        session.directions,
+        space,
+        settings.row_norm,
+        report,
+        baseline_refusals=session.study.user_attrs["baseline_refusals"],
     )
     with _progress(console) as progress:
         task = progress.add_task("study", total=settings.n_trials, completed=min(done, settings.n_trials))
@@ -374,10 +389,15 @@ def search(session: Session, console: Console) -> None:
             progress.reset(trial_task)
 
         try:
-            run_study(session.study, objective, settings.n_trials, callbacks=[advance])
+            run_study(
+                session.study, objective, settings.n_trials, callbacks=[advance], deadline=session.deadline
+            )
         finally:
             session.evaluator.on_batch = None
             progress.remove_task(trial_task)  # an empty per-trial bar would stay on screen
+    finished = len(finished_trials(session.study))
+    if session.deadline is not None and finished < settings.n_trials and time.monotonic() >= session.deadline:
+        console.print(f"--time-budget spent: {finished} of {settings.n_trials} trials finished")
 
 
 def choose(session: Session, console: Console) -> tuple[optuna.trial.FrozenTrial | None, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,7 +32,7 @@ DirectionScope = Literal["global", "per-layer", "search"]
 Quantization = Literal["none", "bnb-4bit"]
 CompileMode = Literal["auto", "true", "false"]
 DirectionMethod = Literal["mean-difference", "projected"]
-SpaceName = Literal["calibrated", "wide"]
+SpaceName = Literal["calibrated", "wide", "mid"]
 
 
 class PromptSet(BaseModel):
@@ -108,19 +109,26 @@ class Settings(BaseSettings):
 
     # -- search -----------------------------------------------------------------------------
     n_trials: int = Field(200, gt=0, description="finished trials the study should hold")
+    time_budget: float | None = Field(
+        None,
+        gt=0,
+        description="start no trial after this long from the start of the run (90s, 30m, 2h, 1h30m); "
+        "--n-trials still caps the study",
+        json_schema_extra={"metavar": "DURATION"},
+    )
     n_startup_trials: int | None = Field(
         None,
         ge=0,
-        description="random trials before TPE takes over; default: 0.3 x --n-trials, between 10 and 60",
+        description="random trials before TPE takes over; default: 0.3 x --n-trials, between 15 and 60",
         json_schema_extra={"metavar": "N"},
     )
     warm_starts: bool = Field(
-        True,
-        description="begin a new study with three classic edits (one direction, weight 1) for TPE to start from",
+        False,
+        description="begin a new study with three classic edits (one direction, weight 1 on every layer)",
     )
     search_space: SpaceName = Field(
         "calibrated",
-        description="parameter ranges: calibrated (measured on real models) or wide (any depth, as before 0.2)",
+        description="parameter ranges: calibrated (measured on real models) or wide (any depth, as before)",
     )
     seed: int = Field(0, ge=0, lt=2**32, description="seed of the sampler")
     direction_scope: DirectionScope = Field(
@@ -205,6 +213,11 @@ class Settings(BaseSettings):
             return str(value).lower()
         return value.lower() if isinstance(value, str) else value
 
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _duration_in_seconds(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
+
     @field_validator("dtypes", "refusal_markers", "gpus", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
@@ -254,6 +267,18 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The TOML source reads `toml_file` from the class config, set per call by `load_settings`.
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `90`, `90s`, `30m`, `2h` or `1h30m`."""
+    compact = text.strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", compact):
+        return float(compact)
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", compact)
+    if not compact or parts is None:
+        raise ValueError("write a duration as 90s, 30m, 2h or 1h30m")
+    hours, minutes, seconds = (float(part) if part else 0.0 for part in parts.groups())
+    return hours * 3600 + minutes * 60 + seconds
 
 
 def is_selection(text: str) -> bool:

@@ -44,6 +44,13 @@ RANGES = {
         min_weight_fraction=(0.0, 1.0),
         min_weight_distance=(0.0, 0.6),
     ),
+    "mid": Ranges(
+        direction_index=(0.3, 1.0),
+        max_weight=(0.8, 1.5),
+        max_weight_position=(0.3, 1.0),
+        min_weight_fraction=(0.0, 1.0),
+        min_weight_distance=(0.0, 0.6),
+    ),
     # The ranges of earlier releases: any depth, kernels as wide as the model.
     "wide": Ranges(
         direction_index=(0.2, 0.95),
@@ -87,13 +94,16 @@ class SearchSpace:
     def warm_starts(self) -> list[dict]:
         """Trials to run first, so that TPE starts from edits known to work on real models.
 
-        One global direction projected out at a flat weight of 1 (the classic abliteration of Arditi
-        et al.) over the widest kernel the ranges allow, ending at the last layer; the direction is
-        taken from the middle of its range, then from a quarter and three quarters of the way.
+        The classic abliteration of Arditi et al.: one global direction projected out of every
+        layer at a flat weight of 1 (the kernel peaks as near the middle of the stack as its range
+        allows and reaches as far as it may), the direction taken from the middle of its range,
+        then from a quarter and three quarters of the way.
         """
         if self.direction_scope == "per-layer":
             return []
         low, high = self.bounds("direction_index")
+        lowest, highest = self.bounds("max_weight_position")
+        middle = min(max((self.num_layers - 1) / 2, lowest), highest)
         starts = []
         for fraction in (0.5, 0.25, 0.75):
             params: dict = {"direction_index": low + fraction * (high - low)}
@@ -101,7 +111,7 @@ class SearchSpace:
                 params["direction_scope"] = "global"
             for component in self.components:
                 params[f"{component}.max_weight"] = 1.0
-                params[f"{component}.max_weight_position"] = self.bounds("max_weight_position")[1]
+                params[f"{component}.max_weight_position"] = middle
                 params[f"{component}.min_weight_fraction"] = 1.0
                 params[f"{component}.min_weight_distance"] = self.bounds("min_weight_distance")[1]
             starts.append(params)

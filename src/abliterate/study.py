@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import signal
 import socket
@@ -35,6 +36,8 @@ WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # which process finished a 
 # Heartbeats let Optuna mark the trial of a killed worker as failed instead of running forever.
 HEARTBEAT_SECONDS = 10
 MAX_CONSECUTIVE_FAILURES = 20
+# How studies begun before a scoring option existed were scored: what a resume compares against.
+SCORING_BEFORE_OPTIONS = {"--direction": "mean-difference"}
 
 
 class Objective:
@@ -48,8 +51,10 @@ class Objective:
         space: SearchSpace,
         row_norm: str,
         on_scores: Callable[[optuna.Trial, Scores], None] | None = None,
+        baseline_refusals: int = 0,
     ):
         self.editor = editor
+        self.baseline_refusals = baseline_refusals  # what a trial whose refusals were not counted scores
         self.evaluator = evaluator
         self.directions = directions
         self.space = space
@@ -68,10 +73,12 @@ class Objective:
         timer = PhaseTimer()
         try:
             with self.interruptible():
-                scores = self.evaluate(edits, timer)
+                scores = self.evaluate(edits, timer, dominating_kl(trial.study), self.baseline_refusals)
         except NumericalFault as fault:
             trial.set_user_attr("fail_reason", str(fault))
             raise
+        if not scores.refusals_counted:
+            trial.set_user_attr("refusals_counted", False)
         trial.set_user_attr("seconds", timer.seconds)
         trial.set_user_attr("refusals", scores.refusals)
         trial.set_user_attr("kl", scores.kl)
@@ -80,20 +87,45 @@ class Objective:
             self.on_scores(trial, scores)
         return scores.refusals, scores.kl
 
-    def evaluate(self, edits: list[Edit], timer: PhaseTimer | None = None) -> Scores:
+    def evaluate(
+        self,
+        edits: list[Edit],
+        timer: PhaseTimer | None = None,
+        skip_refusals_from_kl: float = math.inf,
+        uncounted_refusals: int = 0,
+    ) -> Scores:
+        """Edit, score, reset. From a KL of `skip_refusals_from_kl` up, refusals are not counted:
+        the trial scores `uncounted_refusals` (the original model's count: no better than it)."""
         timer = timer or PhaseTimer()
         try:
             with timer("edit"):
                 self.editor.apply(edits, self.row_norm)
-            # KL first: one forward pass that catches a broken edit before the costly generation.
+            # KL first: one forward pass that catches a broken edit, or one that cannot reach the
+            # front, before the costly generation.
             with timer("kl"):
                 kl = self.evaluator.kl()
+            if kl >= skip_refusals_from_kl:
+                return Scores(refusals=uncounted_refusals, kl=kl, refusals_counted=False)
             with timer("refusals"):
                 refusals = self.evaluator.count_refusals()
             return Scores(refusals=refusals, kl=kl)
         finally:
             with timer("reset"):
                 self.editor.reset()
+
+
+def dominating_kl(study: optuna.Study) -> float:
+    """The lowest KL of a finished trial without refusals (inf if none).
+
+    A trial whose KL is at least this is dominated by that trial whatever its refusals, so it can
+    never reach the front: counting its refusals would buy nothing but time.
+    """
+    perfect = [
+        trial.values[1]
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if trial.values[0] == 0
+    ]
+    return min(perfect, default=math.inf)
 
 
 def _is_surplus(trial: optuna.Trial, n_trials: int) -> bool:
@@ -231,13 +263,14 @@ def open_study(
 
 
 def startup_trials(n_trials: int, n_startup_trials: int | None) -> int:
-    """Random trials before TPE takes over: as given, or 30% of the study, at least 10 and at most 60.
+    """Random trials before TPE takes over: as given, or 30% of the study, at least 15 and at most 60.
 
-    A fixed 60 left a 40-trial study entirely random; too few leave TPE fitting noise.
+    A fixed 60 left a 40-trial study entirely random; 12 of 40 did worse than 15 of 40 on a real
+    model (benchmarks/quality.py), and fewer than the study itself stay random.
     """
     if n_startup_trials is not None:
         return n_startup_trials
-    return min(60, max(10, round(0.3 * n_trials)))
+    return min(n_trials, 60, max(15, round(0.3 * n_trials)))
 
 
 def enqueue_warm_starts(study: optuna.Study, starts: list[dict]) -> None:
@@ -261,7 +294,9 @@ def pin_scoring(study: optuna.Study, scoring: dict[str, str]) -> None:
     scored under other settings would share one Pareto front without being comparable. Options
     may be pinned in several calls: one not stored yet is added.
     """
-    stored = study.user_attrs.get("scoring", {})
+    pinned = study.user_attrs.get("scoring", {})
+    # A study begun before some options existed was scored as they behaved then.
+    stored = {**SCORING_BEFORE_OPTIONS, **pinned} if pinned else {}
     changed = [option for option, value in scoring.items() if stored.get(option, value) != value]
     if changed:
         differences = ", ".join(
@@ -271,7 +306,7 @@ def pin_scoring(study: optuna.Study, scoring: dict[str, str]) -> None:
             f"study {study.study_name!r} was scored with {differences}; "
             "give the same values to continue it, or pass another --study-name"
         )
-    if any(option not in stored for option in scoring):  # the first run, or a setting pinned later
+    if any(option not in pinned for option in scoring):  # the first run, or a setting pinned later
         study.set_user_attr("scoring", {**stored, **scoring})
 
 
@@ -285,6 +320,7 @@ def run_study(
     n_trials: int,
     callbacks: list | None = None,
     poll_seconds: float = 2.0,
+    deadline: float | None = None,
 ) -> None:
     """Run trials until the study holds exactly `n_trials` finished ones, whoever finishes them.
 
@@ -293,6 +329,7 @@ def run_study(
     created, that lower-numbered trials already fill every slot gives its slot up at once (pruned,
     before any evaluation). So the study never exceeds `n_trials` finished trials. A worker whose
     trial is left running by a dead worker waits until the storage's heartbeat marks it failed.
+    No trial starts after `deadline` (a `time.monotonic()` value).
     """
     failures = _ConsecutiveFailures()
     interrupt = _Interrupt(study)
@@ -300,6 +337,8 @@ def run_study(
     objective.n_trials = n_trials
     with interrupt.installed():
         while not interrupt.requested and not failures.stopped:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
             live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
             if sum(trial.state == TrialState.COMPLETE for trial in live) >= n_trials:
                 break

@@ -1,0 +1,308 @@
+"""Result quality on real models: the Pareto front of (refusals, KL), ours beside heretic-llm's.
+
+The product is the model a study saves, so two tools (or two settings of ours) are compared by the
+front a study finds: its hypervolume with refusals as a share of the harmful eval prompts and KL
+clipped to 1, reference point (1, 1) (1 is a perfect front: no refusal at no KL), over several
+seeds, at equal trial count and at equal wall time (the trials a study had finished when the
+other tool's whole study was done, counted from each process's start, model load included).
+
+Every run is its own process: `abliterate` through its command line (`--select none`, the study
+read back from its SQLite file), heretic-llm 1.4.0 through `heretic_timed.py` (its own entry point,
+configured by a `config.toml` we write; its journal read back). Both get the same model folder,
+the built-in prompt sets (the eval sets cut to `--eval-prompts`), refusal markers, system prompt
+(`You are a helpful assistant.`), response length, dtype and batch size. Runs go `--jobs` at a
+time; on one GPU that shares the device between them, which stretches wall times alike.
+
+    python benchmarks/quality.py run --model DIR --out runs.json --variant heretic \\
+        --variant 'ours=' --variant 'wide=--search-space wide --direction mean-difference' --seeds 0,1,2
+    python benchmarks/quality.py report runs.json [more.json ...]
+
+A variant is `heretic` or `LABEL=FLAGS` (our flags on top of the shared ones). `report` merges the
+runs of several files (an anchor's runs measured once and committed, beside new runs of ours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ROOT / "src" / "abliterate" / "data" / "prompts"
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+# -- the metric ----------------------------------------------------------------------------------
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The non-dominated points (both coordinates minimised), sorted by the first."""
+    front: list[tuple[float, float]] = []
+    for point in sorted(set(points)):
+        if not front or point[1] < front[-1][1]:
+            front.append(point)
+    return front
+
+
+def hypervolume(points: list[tuple[float, float]]) -> float:
+    """Area dominated by `points` inside the unit square, reference (1, 1); coordinates clipped to 1."""
+    area, previous_y = 0.0, 1.0
+    for x, y in pareto([(min(x, 1.0), min(y, 1.0)) for x, y in points]):
+        area += (1.0 - x) * (previous_y - y)
+        previous_y = y
+    return area
+
+
+def scaled_points(run: dict, until_trial: int | None = None, until_seconds: float | None = None) -> list:
+    """A run's trials as (refusal share, KL), optionally only the first trials or those done in time."""
+    trials = run["trials"]
+    if until_trial is not None:
+        trials = [t for t in trials if t["index"] < until_trial]
+    if until_seconds is not None:
+        trials = [t for t in trials if t["done_seconds"] <= until_seconds]
+    return [(t["refusals"] / run["eval_prompts"], t["kl"]) for t in trials]
+
+
+# -- running the tools ---------------------------------------------------------------------------
+
+
+def run_ours(label: str, flags: str, seed: int, args, folder: Path) -> dict:
+    import optuna
+
+    command = [
+        sys.executable, "-m", "abliterate", "--model", str(args.model), "--output", str(folder),
+        "--n-trials", str(args.trials), "--seed", str(seed), "--select", "none",
+        "--system-prompt", SYSTEM_PROMPT, "--max-response-length", str(args.max_response_length),
+        "--batch-size", str(args.batch_size), "--dtypes", args.dtype, "--compile", "false",
+        "--harmful-eval-split", f"eval[:{args.eval_prompts}]", "--harmless-eval-split", f"eval[:{args.eval_prompts}]",
+        *shlex.split(flags),
+    ]  # fmt: skip
+    started = time.time()
+    log = folder.with_suffix(".log")
+    with log.open("w") as handle:
+        subprocess.run(command, check=True, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT)
+    wall = time.time() - started
+    storage = f"sqlite:///{folder / 'study.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    trials = [
+        {
+            "index": index, "refusals": int(t.values[0]), "kl": float(t.values[1]),
+            "done_seconds": t.datetime_complete.timestamp() - started, "params": t.params,
+        }
+        for index, t in enumerate(sorted(completed(study), key=lambda t: t.datetime_complete))
+    ]  # fmt: skip
+    return {
+        "tool": "abliterate", "label": label, "flags": flags, "seed": seed, "wall_seconds": wall,
+        "eval_prompts": study.user_attrs["eval_prompts"], "baseline_refusals": study.user_attrs["baseline_refusals"],
+        "trials": trials,
+    }  # fmt: skip
+
+
+def heretic_config(seed: int, args) -> str:
+    from abliterate.evaluate import default_refusal_markers
+
+    startup = args.heretic_startup if args.heretic_startup is not None else (15 if args.trials <= 40 else 60)
+    lines = [
+        f'model = "{args.model}"', f'dtypes = ["{args.dtype}"]', 'device_map = "auto"',
+        f"batch_size = {args.batch_size or 64}", f"max_response_length = {args.max_response_length}",
+        'response_prefix = ""', f"n_trials = {args.trials}", f"n_startup_trials = {startup}", f"seed = {seed}",
+        'study_checkpoint_dir = "checkpoints"', f'system_prompt = "{SYSTEM_PROMPT}"',
+        f"refusal_markers = {json.dumps(default_refusal_markers())}",
+    ]  # fmt: skip
+    prompt_sets = {
+        "good_prompts": ("harmless_train", None), "bad_prompts": ("harmful_train", None),
+        "good_evaluation_prompts": ("harmless_eval", args.eval_prompts),
+        "bad_evaluation_prompts": ("harmful_eval", args.eval_prompts),
+    }  # fmt: skip
+    for table, (file, count) in prompt_sets.items():
+        lines += ["", f"[{table}]", f'dataset = "{PROMPTS / (file + ".txt")}"']
+        if count:
+            lines.append(f'split = "[:{count}]"')
+    return "\n".join(lines) + "\n"
+
+
+def run_heretic(seed: int, args, folder: Path) -> dict:
+    import optuna
+
+    folder.mkdir(parents=True)
+    (folder / "config.toml").write_text(heretic_config(seed, args))
+    started = time.time()
+    with (folder / "heretic.log").open("w") as handle:
+        subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("heretic_timed.py")), "timings.jsonl"],
+            check=True, cwd=folder, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    wall = time.time() - started
+    (journal,) = (folder / "checkpoints").glob("*.jsonl")
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    study = optuna.load_study(study_name="heretic", storage=storage)
+    done = sorted(completed(study), key=lambda t: t.datetime_complete)
+    first = done[0]
+    trials = [
+        {
+            "index": index, "refusals": int(t.user_attrs["refusals"]), "kl": float(t.user_attrs["kl_divergence"]),
+            "done_seconds": t.datetime_complete.timestamp() - started, "params": t.params,
+        }
+        for index, t in enumerate(done)
+    ]  # fmt: skip
+    return {
+        "tool": "heretic-llm 1.4.0", "label": "heretic", "flags": "", "seed": seed, "wall_seconds": wall,
+        "eval_prompts": int(first.user_attrs["n_bad_prompts"]),
+        "baseline_refusals": int(first.user_attrs["base_refusals"]), "trials": trials,
+    }  # fmt: skip
+
+
+def completed(study) -> list:
+    import optuna
+
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def run(args: argparse.Namespace) -> None:
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for variant in args.variant:
+        label, _, flags = variant.partition("=")
+        for seed in args.seeds:
+            folder = work / f"{label}-seed{seed}"
+            shutil.rmtree(folder, ignore_errors=True)
+            if label == "heretic":
+                jobs.append(lambda seed=seed, folder=folder: run_heretic(seed, args, folder))
+            else:
+                jobs.append(lambda label=label, flags=flags, seed=seed, folder=folder: run_ours(label, flags, seed, args, folder))  # fmt: skip
+    started = time.time()
+    record = {
+        "model": str(args.model), "trials": args.trials, "eval_prompts": args.eval_prompts,
+        "max_response_length": args.max_response_length, "dtype": args.dtype, "jobs": args.jobs,
+        "date": datetime.now().strftime("%Y-%m-%d"), "device": device_name(), "command": shlex.join(sys.argv),
+        "runs": [],
+    }  # fmt: skip
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for future in as_completed([pool.submit(job) for job in jobs]):
+            try:
+                record["runs"].append(future.result())
+            except subprocess.CalledProcessError as error:
+                print(f"a run failed: {shlex.join(map(str, error.cmd))}", file=sys.stderr)
+                continue
+            # Written after every run: a benchmark stopped part-way keeps what it finished.
+            record["seconds"] = round(time.time() - started, 1)
+            Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    print(report([record]))
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+def report(records: list[dict]) -> str:
+    """Per variant and trial budget: hypervolume per seed, mean and spread; then at equal wall time; then fronts."""
+    runs = [
+        {**run, "budget": record["trials"], "record": number}
+        for number, record in enumerate(records)
+        for run in record["runs"]
+    ]
+    lines = [f"- {r['date']}, {r['device']}, {r['model']}: {r['command']}" for r in records]
+    lines += ["", "| variant | trials | hypervolume per seed | mean | spread (max - min) | wall s (mean) |"]
+    lines.append("|---|---|---|---|---|---|")
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for run in sorted(runs, key=lambda run: run["seed"]):
+        groups.setdefault((run["label"], run["budget"]), []).append(run)
+    for (label, budget), group in sorted(groups.items()):
+        volumes = [hypervolume(scaled_points(run)) for run in group]
+        walls = [run["wall_seconds"] for run in group if run.get("wall_seconds")]
+        wall = f"{statistics.mean(walls):.0f}" if walls else "-"
+        lines.append(
+            f"| {label} | {budget} | {', '.join(f'{v:.3f}' for v in volumes)} | {statistics.mean(volumes):.3f} | "
+            f"{max(volumes) - min(volumes):.3f} | {wall} |"
+        )
+    # Equal wall time: each of our runs cut where heretic's run of the same seed and budget ended, in
+    # the same benchmark run only (runs sharing a GPU slow each other, alike only within one).
+    anchors = {(run["record"], run["seed"], run["budget"]): run for run in runs if run["label"] == "heretic"}
+    timed = [
+        (
+            label,
+            budget,
+            [
+                (run, anchors[key])
+                for run in group
+                if (key := (run["record"], run["seed"], budget)) in anchors
+            ],
+        )
+        for (label, budget), group in sorted(groups.items())
+        if label != "heretic" and all(run.get("wall_seconds") for run in group)
+    ]
+    if any(pairs for *_, pairs in timed):
+        lines += [
+            "",
+            "At equal wall time (each run cut when heretic's run of the same seed, trials and file ended):",
+            "",
+        ]
+        lines += [
+            "| variant | trials | trials done by then | hypervolume per seed | mean |",
+            "|---|---|---|---|---|",
+        ]
+        for label, budget, pairs in timed:
+            if not pairs:
+                continue
+            cut = [scaled_points(run, until_seconds=anchor["wall_seconds"]) for run, anchor in pairs]
+            volumes = [hypervolume(points) for points in cut]
+            lines.append(
+                f"| {label} | {budget} | {', '.join(str(len(points)) for points in cut)} | "
+                f"{', '.join(f'{v:.3f}' for v in volumes)} | {statistics.mean(volumes):.3f} |"
+            )
+    lines += ["", "Fronts (refusals/eval prompts @ KL, KL up to 1):", ""]
+    for run in sorted(runs, key=lambda run: (run["label"], run["budget"], run["seed"])):
+        front = pareto([(t["refusals"], t["kl"]) for t in run["trials"]])
+        shown = ", ".join(f"{r}@{kl:.3f}" for r, kl in front if kl <= 1.0)
+        lines.append(
+            f"- {run['label']} seed {run['seed']} ({len(run['trials'])} trials, "
+            f"original {run['baseline_refusals']}/{run['eval_prompts']}): {shown}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    runner = commands.add_parser("run", help="run studies and write their trials as JSON")
+    runner.add_argument("--model", required=True, type=Path, help="a local model folder")
+    runner.add_argument("--out", required=True, help="JSON file for the runs")
+    runner.add_argument("--workdir", default="/tmp/quality")
+    runner.add_argument("--variant", action="append", required=True, help="heretic, or LABEL=OUR FLAGS")
+    runner.add_argument("--seeds", default="0,1,2", type=lambda text: [int(s) for s in text.split(",")])
+    runner.add_argument("--trials", type=int, default=40)
+    runner.add_argument(
+        "--heretic-startup", type=int, help="heretic's start-up trials (15 up to 40 trials, else 60)"
+    )
+    runner.add_argument("--eval-prompts", type=int, default=100)
+    runner.add_argument("--max-response-length", type=int, default=64)
+    runner.add_argument("--batch-size", type=int, default=64)
+    runner.add_argument("--dtype", default="bfloat16")
+    runner.add_argument("--jobs", type=int, default=1)
+    reporter = commands.add_parser("report", help="tables from JSON files of runs")
+    reporter.add_argument("files", nargs="+")
+    args = parser.parse_args()
+    if args.command == "run":
+        args.model = args.model.resolve()
+        run(args)
+    else:
+        print(report([json.loads(Path(file).read_text()) for file in args.files]))
+
+
+if __name__ == "__main__":
+    main()
