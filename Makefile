@@ -19,8 +19,11 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 # The full pipeline on the built-in demo model: directions, a 60-trial study, the trial with fewest refusals saved.
+# The demo model (6 layers, trained from scratch) keeps its refusal in the middle of the stack, unlike
+# real chat models: it is searched in the wide space with plain mean-difference directions (README).
 demo: $(BIN)/.installed
-	$(BIN)/abliterate --n-trials 60 --n-startup-trials 20 --select min-refusals --output abliterated/demo
+	$(BIN)/abliterate --n-trials 60 --n-startup-trials 20 --search-space wide --direction mean-difference \
+		--select min-refusals --output abliterated/demo
 
 # What `make test` checks first: lint and formatting.
 lint: $(BIN)/.installed

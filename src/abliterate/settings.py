@@ -32,7 +32,7 @@ DirectionScope = Literal["global", "per-layer", "search"]
 Quantization = Literal["none", "bnb-4bit"]
 CompileMode = Literal["auto", "true", "false"]
 DirectionMethod = Literal["mean-difference", "projected"]
-SpaceName = Literal["calibrated", "wide", "mid"]
+SpaceName = Literal["calibrated", "wide"]
 
 
 class PromptSet(BaseModel):

@@ -35,19 +35,13 @@ class Ranges:
 
 
 RANGES = {
-    # Measured on safety-tuned real models (benchmarks/quality.py): refusal lives in the upper half
-    # of the stack, and edits reaching far down cost KL for little gain.
+    # heretic-llm's ranges, the direction index reaching the last layer. On a safety-tuned real model
+    # (benchmarks/quality.py) they lifted the front's hypervolume from 0.43 to 0.80 over "wide": edits
+    # reaching far down the stack cost KL (1.5 to 9.9) for little gain.
     "calibrated": Ranges(
         direction_index=(0.4, 1.0),
         max_weight=(0.8, 1.5),
         max_weight_position=(0.6, 1.0),
-        min_weight_fraction=(0.0, 1.0),
-        min_weight_distance=(0.0, 0.6),
-    ),
-    "mid": Ranges(
-        direction_index=(0.3, 1.0),
-        max_weight=(0.8, 1.5),
-        max_weight_position=(0.3, 1.0),
         min_weight_fraction=(0.0, 1.0),
         min_weight_distance=(0.0, 0.6),
     ),
@@ -60,7 +54,6 @@ RANGES = {
         min_weight_distance=(0.0, 1.0),
     ),
 }
-SPACES = tuple(RANGES)
 
 
 @dataclass(frozen=True)

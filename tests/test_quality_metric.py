@@ -1,0 +1,40 @@
+"""The quality benchmark's metric: Pareto fronts and their hypervolume (benchmarks/quality.py)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location(
+    "quality", Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+)
+quality = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(quality)
+
+
+def test_the_front_keeps_only_points_nothing_beats():
+    points = [(0.5, 0.2), (0.1, 0.9), (0.5, 0.3), (0.6, 0.1), (0.2, 0.9), (0.1, 0.95)]
+    assert quality.pareto(points) == [(0.1, 0.9), (0.5, 0.2), (0.6, 0.1)]
+
+
+def test_hypervolume_is_the_area_the_front_dominates_up_to_one_one():
+    assert quality.hypervolume([]) == 0.0
+    assert quality.hypervolume([(0.0, 0.0)]) == 1.0
+    assert quality.hypervolume([(0.5, 0.5)]) == pytest.approx(0.25)
+    # Two steps: (1 - 0.2) * (1 - 0.6) + (1 - 0.6) * (0.6 - 0.1)
+    assert quality.hypervolume([(0.2, 0.6), (0.6, 0.1), (0.7, 0.7)]) == pytest.approx(0.32 + 0.2)
+
+
+def test_kl_beyond_one_counts_as_one():
+    assert quality.hypervolume([(0.0, 5.0)]) == 0.0
+    assert quality.hypervolume([(0.5, 5.0), (0.5, 0.5)]) == pytest.approx(0.25)
+
+
+def test_a_run_can_be_cut_at_a_trial_count_or_a_time():
+    run = {"eval_prompts": 10, "trials": [
+        {"index": 0, "refusals": 5, "kl": 0.1, "done_seconds": 10.0},
+        {"index": 1, "refusals": 0, "kl": 0.2, "done_seconds": 20.0},
+    ]}  # fmt: skip
+    assert quality.scaled_points(run) == [(0.5, 0.1), (0.0, 0.2)]
+    assert quality.scaled_points(run, until_trial=1) == [(0.5, 0.1)]
+    assert quality.scaled_points(run, until_seconds=15.0) == [(0.5, 0.1)]
