@@ -93,13 +93,7 @@ def run_ours(label: str, flags: str, seed: int, args, folder: Path) -> dict:
     storage = f"sqlite:///{folder / 'study.db'}"
     (summary,) = optuna.get_all_study_summaries(storage)
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
-    trials = [
-        {
-            "index": index, "refusals": int(t.values[0]), "kl": float(t.values[1]),
-            "done_seconds": t.datetime_complete.timestamp() - started, "params": t.params,
-        }
-        for index, t in enumerate(sorted(completed(study), key=lambda t: t.datetime_complete))
-    ]  # fmt: skip
+    trials = trial_records(study, started, lambda t: (t.values[0], t.values[1]))
     return {
         "tool": "abliterate", "label": label, "flags": flags, "seed": seed, "wall_seconds": wall,
         "eval_prompts": study.user_attrs["eval_prompts"], "baseline_refusals": study.user_attrs["baseline_refusals"],
@@ -145,15 +139,11 @@ def run_heretic(seed: int, args, folder: Path) -> dict:
     (journal,) = (folder / "checkpoints").glob("*.jsonl")
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     study = optuna.load_study(study_name="heretic", storage=storage)
-    done = sorted(completed(study), key=lambda t: t.datetime_complete)
-    first = done[0]
-    trials = [
-        {
-            "index": index, "refusals": int(t.user_attrs["refusals"]), "kl": float(t.user_attrs["kl_divergence"]),
-            "done_seconds": t.datetime_complete.timestamp() - started, "params": t.params,
-        }
-        for index, t in enumerate(done)
-    ]  # fmt: skip
+    first = completed(study)[0]
+    # heretic's objective values are its own scaled scores; the raw counts are user attributes.
+    trials = trial_records(
+        study, started, lambda t: (t.user_attrs["refusals"], t.user_attrs["kl_divergence"])
+    )
     return {
         "tool": "heretic-llm 1.4.0", "label": "heretic", "flags": "", "seed": seed, "wall_seconds": wall,
         "eval_prompts": int(first.user_attrs["n_bad_prompts"]),
@@ -165,6 +155,18 @@ def completed(study) -> list:
     import optuna
 
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def trial_records(study, started: float, scores) -> list[dict]:
+    """A study's finished trials in the order they finished; `scores(trial)` gives (refusals, KL)."""
+    records = []
+    for index, trial in enumerate(sorted(completed(study), key=lambda t: t.datetime_complete)):
+        refusals, kl = scores(trial)
+        records.append({
+            "index": index, "refusals": int(refusals), "kl": float(kl),
+            "done_seconds": trial.datetime_complete.timestamp() - started, "params": trial.params,
+        })  # fmt: skip
+    return records
 
 
 def run(args: argparse.Namespace) -> None:

@@ -52,14 +52,9 @@ def refusal_directions(
     harmless_mean = harmless.float().mean(dim=0)
     difference = harmful.float().mean(dim=0) - harmless_mean
     if method == "projected":
-        along = unit_rows(harmless_mean)
+        along = torch.nn.functional.normalize(harmless_mean, dim=-1)
         difference = difference - (difference * along).sum(dim=-1, keepdim=True) * along
     norms = difference.norm(dim=-1, keepdim=True)
     if (norms == 0).any():
         raise UserError("harmful and harmless prompts give identical mean residuals; check the prompt sets")
     return difference / norms
-
-
-def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
-    """Each row scaled to length 1 (a zero row stays zero)."""
-    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(vectors.dtype).tiny)

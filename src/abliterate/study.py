@@ -65,7 +65,9 @@ class Objective:
         self.n_trials: int | None = None  # set by `run_study`: the study's size, for slot accounting
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
-        if self.n_trials is not None and _is_surplus(trial, self.n_trials):
+        # One read of the storage per trial serves both the slot check and the KL-first skip.
+        live = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        if self.n_trials is not None and _is_surplus(trial, live, self.n_trials):
             raise optuna.TrialPruned("another worker holds the last slot")
         trial.set_user_attr("worker", WORKER_ID)  # first: lets a restart on this host spot it orphaned
         params = self.space.sample(trial)
@@ -73,7 +75,7 @@ class Objective:
         timer = PhaseTimer()
         try:
             with self.interruptible():
-                scores = self.evaluate(edits, timer, dominating_kl(trial.study), self.baseline_refusals)
+                scores = self.evaluate(edits, timer, dominating_kl(live))
         except NumericalFault as fault:
             trial.set_user_attr("fail_reason", str(fault))
             raise
@@ -92,10 +94,9 @@ class Objective:
         edits: list[Edit],
         timer: PhaseTimer | None = None,
         skip_refusals_from_kl: float = math.inf,
-        uncounted_refusals: int = 0,
     ) -> Scores:
         """Edit, score, reset. From a KL of `skip_refusals_from_kl` up, refusals are not counted:
-        the trial scores `uncounted_refusals` (the original model's count: no better than it)."""
+        the trial scores the original model's count (no better than it)."""
         timer = timer or PhaseTimer()
         try:
             with timer("edit"):
@@ -105,7 +106,7 @@ class Objective:
             with timer("kl"):
                 kl = self.evaluator.kl()
             if kl >= skip_refusals_from_kl:
-                return Scores(refusals=uncounted_refusals, kl=kl, refusals_counted=False)
+                return Scores(refusals=self.baseline_refusals, kl=kl, refusals_counted=False)
             with timer("refusals"):
                 refusals = self.evaluator.count_refusals()
             return Scores(refusals=refusals, kl=kl)
@@ -114,24 +115,19 @@ class Objective:
                 self.editor.reset()
 
 
-def dominating_kl(study: optuna.Study) -> float:
-    """The lowest KL of a finished trial without refusals (inf if none).
+def dominating_kl(trials: list[FrozenTrial]) -> float:
+    """The lowest KL of a finished trial without refusals among `trials` (inf if none).
 
     A trial whose KL is at least this is dominated by that trial whatever its refusals, so it can
     never reach the front: counting its refusals would buy nothing but time.
     """
-    perfect = [
-        trial.values[1]
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if trial.values[0] == 0
-    ]
+    perfect = [t.values[1] for t in trials if t.state == TrialState.COMPLETE and t.values[0] == 0]
     return min(perfect, default=math.inf)
 
 
-def _is_surplus(trial: optuna.Trial, n_trials: int) -> bool:
-    """True when finished or running trials numbered below this one already fill the study."""
-    earlier = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-    return sum(other.number < trial.number for other in earlier) >= n_trials
+def _is_surplus(trial: optuna.Trial, live: list[FrozenTrial], n_trials: int) -> bool:
+    """True when finished or running trials (`live`) numbered below this one already fill the study."""
+    return sum(other.number < trial.number for other in live) >= n_trials
 
 
 class PhaseTimer:
