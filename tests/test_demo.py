@@ -59,7 +59,7 @@ def test_one_middle_direction_removes_the_refusal():
         capture_residuals(model, model.encode(builtin_prompts(name, "train"), 50), editable.layers)
         for name in ("harmful", "harmless")
     ]
-    directions = refusal_directions(*residuals)
+    directions = refusal_directions(*residuals)[0]
     score = evaluator(builtin_prompts("harmful", "eval"), builtin_prompts("harmless", "eval"))
     before = score.count_refusals()
     originals = {matrix.name: matrix.parameter.detach().clone() for *_, matrix in editable.matrices()}
@@ -133,12 +133,16 @@ def demo_study(tmp_path, *flags: str):
     return optuna.load_study(study_name="abliterate-demo", storage=f"sqlite:///{output / 'study.db'}")
 
 
-@pytest.mark.parametrize("method", ["mean-difference", "projected"])
+@pytest.mark.parametrize("method", ["mean-difference", "projected", "search"])
 def test_a_demo_study_with_each_direction_method(tmp_path, monkeypatch, method):
     monkeypatch.chdir(tmp_path)
     study = demo_study(tmp_path, "--direction", method)
     assert study.user_attrs["scoring"]["--direction"] == method
-    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 4
+    assert study.user_attrs["directions"]["shape"] == [2, 6, 192]
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 4
+    searched = ["direction_projection" in trial.params for trial in trials]
+    assert searched == [method == "search"] * 4
 
 
 def test_a_demo_study_in_the_wide_space_draws_from_it(tmp_path, monkeypatch):

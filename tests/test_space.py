@@ -4,6 +4,7 @@ import optuna
 import pytest
 import torch
 
+from abliterate.directions import directions_at
 from abliterate.space import RANGES, SearchSpace, edits_from_params
 
 
@@ -124,3 +125,28 @@ def test_warm_starts_are_one_direction_at_weight_one_over_every_layer(scope):
 
 def test_a_per_layer_scope_has_no_warm_starts():
     assert SearchSpace(num_layers=8, direction_scope="per-layer").warm_starts() == []
+
+
+def test_a_searched_projection_is_sampled_in_every_trial_and_shapes_the_direction():
+    space = SearchSpace(num_layers=6, direction_scope="per-layer", search_projection=True)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(0))
+    harmless = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    basis = torch.stack([torch.nn.functional.normalize(torch.randn(6, 8) + harmless, dim=-1), harmless])
+    for _ in range(5):
+        sampled = space.sample(study.ask())
+        projection = sampled["direction_projection"]
+        assert 0.0 <= projection <= 1.0
+        expected = directions_at(basis, projection)
+        for edit in edits_from_params(sampled, basis):
+            assert torch.equal(edit.direction, expected[edit.layer])
+    fixed = SearchSpace(num_layers=6, direction_scope="per-layer").sample(study.ask())
+    assert "direction_projection" not in fixed
+
+
+def test_warm_starts_of_a_searched_projection_try_both_ends():
+    space = SearchSpace(num_layers=11, direction_scope="global", search_projection=True)
+    starts = space.warm_starts()
+    assert [start["direction_projection"] for start in starts] == [1.0, 1.0, 1.0, 0.0]
+    # The unprojected one repeats the middle direction, the first projected one's.
+    assert starts[3]["direction_index"] == starts[0]["direction_index"]
+    assert all(set(start) == set(space.sample(optuna.create_study().ask())) for start in starts)

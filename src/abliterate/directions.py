@@ -2,7 +2,12 @@
 
 The refusal direction of layer l is the normalized difference between the mean residual (after
 layer l, at the last prompt token, in float32) over harmful prompts and over harmless ones, or
-that difference made orthogonal to the harmless mean (`projected`).
+that difference made orthogonal to the harmless mean (`projected`), or anything between the two,
+chosen per trial (`search`).
+
+A study keeps its directions as a basis, (2, layers, hidden): unit directions, and the unit
+harmless means that a trial's `direction_projection` (0 to 1) projects them against. A fixed method
+stores its directions with a zero second half, so that no projection changes them.
 """
 
 from __future__ import annotations
@@ -10,12 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from abliterate.errors import UserError
 from abliterate.model import Batch, ChatModel, in_halves_on_oom
 
-DIRECTION_METHODS = ("mean-difference", "projected")
+DIRECTION_METHODS = ("mean-difference", "projected", "search")
 
 
 def capture_residuals(
@@ -36,11 +42,13 @@ def capture_residuals(
 def refusal_directions(
     harmful: torch.Tensor, harmless: torch.Tensor, method: str = "mean-difference"
 ) -> torch.Tensor:
-    """Unit refusal directions per layer, (layers, hidden), from (prompts, layers, hidden) residuals.
+    """The direction basis, (2, layers, hidden), from (prompts, layers, hidden) residuals.
 
     `mean-difference`: the harmful mean minus the harmless mean. `projected`: that difference with
     its component along the harmless mean removed (projected abliteration): the harmless mean is
-    what every prompt's residual shares, so an edit along it damages ordinary answers too.
+    what every prompt's residual shares, so an edit along it damages ordinary answers too. `search`:
+    the mean difference with the harmless mean beside it, for each trial to project by its own
+    amount: models differ in which works better (`benchmarks/quality.py`).
     """
     if method not in DIRECTION_METHODS:
         raise ValueError(f"method must be one of {DIRECTION_METHODS}, got {method!r}")
@@ -51,10 +59,28 @@ def refusal_directions(
             )
     harmless_mean = harmless.float().mean(dim=0)
     difference = harmful.float().mean(dim=0) - harmless_mean
-    if method == "projected":
-        along = torch.nn.functional.normalize(harmless_mean, dim=-1)
-        difference = difference - (difference * along).sum(dim=-1, keepdim=True) * along
-    norms = difference.norm(dim=-1, keepdim=True)
-    if (norms == 0).any():
+    if (difference.norm(dim=-1) == 0).any():
         raise UserError("harmful and harmless prompts give identical mean residuals; check the prompt sets")
-    return difference / norms
+    along = F.normalize(harmless_mean, dim=-1)
+    if method == "search":
+        return torch.stack([F.normalize(difference, dim=-1), along])
+    if method == "projected":
+        difference = difference - (difference * along).sum(dim=-1, keepdim=True) * along
+        if (difference.norm(dim=-1) == 0).any():
+            raise UserError(
+                "a layer's refusal direction lies along the harmless mean; try --direction mean-difference"
+            )
+    return torch.stack([F.normalize(difference, dim=-1), torch.zeros_like(difference)])
+
+
+def directions_at(basis: torch.Tensor, projection: float = 0.0) -> torch.Tensor:
+    """Unit directions (layers, hidden) of a basis, with `projection` (0 to 1) of their part along
+    its harmless means removed. A study stored before bases existed holds (layers, hidden)
+    directions: they are used as they are."""
+    if basis.dim() == 2:
+        return basis
+    directions, means = basis.float()
+    if projection == 0:  # as stored, to the bit
+        return directions
+    along = (directions * means).sum(dim=-1, keepdim=True) * means
+    return F.normalize(directions - projection * along, dim=-1)

@@ -291,7 +291,8 @@ def study_location(settings: Settings) -> tuple[Path, str, str]:
 def _directions(
     study, model: ChatModel, editable, prompts, batch_size: int, method: str, console: Console
 ) -> torch.Tensor:
-    """Refusal directions, computed once per study and kept in it, so resumes and workers share them."""
+    """The refusal direction basis (see `directions.py`), computed once per study and kept in it, so
+    resumes and workers share it."""
     directions = _stored_directions(study)
     if directions is None:
         residuals = {}
@@ -310,7 +311,7 @@ def _directions(
             study.set_user_attr("directions", {"shape": list(computed.shape), "float32_base64": encoded})
             directions = computed
     digest = hashlib.sha256(directions.numpy().tobytes()).hexdigest()[:16]
-    console.print(f"refusal directions: {directions.shape[0]} layers, sha256 {digest}")
+    console.print(f"refusal directions: {directions.shape[-2]} layers, sha256 {digest}")
     return directions
 
 
@@ -350,7 +351,10 @@ def search(session: Session, console: Console) -> None:
             f"resuming study {session.study.study_name!r}: {done} of {settings.n_trials} trials finished"
         )
     space = SearchSpace(
-        session.editable.num_layers, direction_scope=settings.direction_scope, ranges=settings.search_space
+        session.editable.num_layers,
+        direction_scope=settings.direction_scope,
+        ranges=settings.search_space,
+        search_projection=settings.direction == "search",
     )
     if settings.warm_starts:
         enqueue_warm_starts(session.study, space.warm_starts())

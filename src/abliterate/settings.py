@@ -31,7 +31,7 @@ RowNorm = Literal["none", "pre", "full"]
 DirectionScope = Literal["global", "per-layer", "search"]
 Quantization = Literal["none", "bnb-4bit"]
 CompileMode = Literal["auto", "true", "false"]
-DirectionMethod = Literal["mean-difference", "projected"]
+DirectionMethod = Literal["mean-difference", "projected", "search"]
 SpaceName = Literal["calibrated", "wide"]
 
 
@@ -137,8 +137,9 @@ class Settings(BaseSettings):
     )
     direction: DirectionMethod = Field(
         "projected",
-        description="refusal direction: mean-difference (harmful minus harmless mean), or projected "
-        "(its part orthogonal to the harmless mean, which leaves what harmless prompts share alone)",
+        description="refusal direction: mean-difference (harmful minus harmless mean), projected "
+        "(its part orthogonal to the harmless mean, which leaves what harmless prompts share alone), "
+        "or search (each trial projects by its own amount, from 0 to 1)",
     )
     row_norm: RowNorm = Field(
         "none", description="none, pre (edit row-normalized), full (rows keep their norms)"

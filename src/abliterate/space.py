@@ -2,8 +2,9 @@
 
 A trial samples, per component (`attn`, `mlp`), a kernel of ablation weights over layers (see
 `ablation.Kernel`) and a refusal direction: one interpolated between layers (`global`), or each
-layer's own (`per-layer`). Ranges are fractions of the last layer index, so one space serves
-models of any depth.
+layer's own (`per-layer`); with `--direction search`, also how much of the harmless mean to
+project out of the directions (`direction_projection`, see `directions.py`). Ranges are fractions
+of the last layer index, so one space serves models of any depth.
 
 Two rules keep the multivariate TPE sampler effective. Every parameter is sampled in every trial,
 even where a trial ignores it (the direction index under `per-layer`): multivariate TPE models
@@ -20,6 +21,7 @@ import torch
 
 from abliterate.ablation import Kernel, interpolate_direction
 from abliterate.components import COMPONENTS
+from abliterate.directions import directions_at
 from abliterate.reset import Edit
 
 
@@ -62,6 +64,7 @@ class SearchSpace:
     components: tuple[str, ...] = COMPONENTS
     direction_scope: str = "search"
     ranges: str = "calibrated"
+    search_projection: bool = False
 
     def bounds(self, name: str) -> tuple[float, float]:
         """A parameter's bounds in layers (or as they are, for weights)."""
@@ -79,6 +82,8 @@ class SearchSpace:
             trial.suggest_categorical("direction_scope", ["global", "per-layer"])
         if self.direction_scope in ("search", "global"):
             trial.suggest_float("direction_index", *self.bounds("direction_index"))
+        if self.search_projection:
+            trial.suggest_float("direction_projection", 0.0, 1.0)
         for component in self.components:
             for name in ("max_weight", "max_weight_position", "min_weight_fraction", "min_weight_distance"):
                 trial.suggest_float(f"{component}.{name}", *self.bounds(name))
@@ -90,7 +95,8 @@ class SearchSpace:
         The classic abliteration of Arditi et al.: one global direction projected out of every
         layer at a flat weight of 1 (the kernel peaks as near the middle of the stack as its range
         allows and reaches as far as it may), the direction taken from the middle of its range,
-        then from a quarter and three quarters of the way.
+        then from a quarter and three quarters of the way. A searched projection starts fully
+        projected, and the middle direction is tried once more unprojected.
         """
         if self.direction_scope == "per-layer":
             return []
@@ -98,10 +104,16 @@ class SearchSpace:
         lowest, highest = self.bounds("max_weight_position")
         middle = min(max((self.num_layers - 1) / 2, lowest), highest)
         starts = []
-        for fraction in (0.5, 0.25, 0.75):
+        if self.search_projection:
+            index_and_projection = [(0.5, 1.0), (0.25, 1.0), (0.75, 1.0), (0.5, 0.0)]
+        else:
+            index_and_projection = [(0.5, None), (0.25, None), (0.75, None)]
+        for fraction, projection in index_and_projection:
             params: dict = {"direction_index": low + fraction * (high - low)}
             if self.direction_scope == "search":
                 params["direction_scope"] = "global"
+            if projection is not None:
+                params["direction_projection"] = projection
             for component in self.components:
                 params[f"{component}.max_weight"] = 1.0
                 params[f"{component}.max_weight_position"] = middle
@@ -111,13 +123,16 @@ class SearchSpace:
         return starts
 
 
-def edits_from_params(params: dict, directions: torch.Tensor) -> list[Edit]:
+def edits_from_params(params: dict, basis: torch.Tensor) -> list[Edit]:
     """The edits a trial's parameters describe: one per (layer, component) with a non-zero weight.
 
-    The parameters say everything: which components were searched, and the direction scope (a
-    searched scope is a parameter; a fixed global scope leaves a direction index; per-layer, none).
-    So a stored trial rebuilds the same edits whatever flags the command that saves it was given.
+    The parameters and the study's direction basis say everything: which components were searched,
+    the direction scope (a searched scope is a parameter; a fixed global scope leaves a direction
+    index; per-layer, none) and the projection (a parameter when searched; fixed methods store
+    their directions ready). So a stored trial rebuilds the same edits whatever flags the command
+    that saves it was given.
     """
+    directions = directions_at(basis, params.get("direction_projection", 0.0))
     num_layers = directions.shape[0]
     scope = params.get("direction_scope") or ("global" if "direction_index" in params else "per-layer")
     shared = interpolate_direction(directions, params["direction_index"]) if scope == "global" else None
