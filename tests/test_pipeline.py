@@ -17,7 +17,7 @@ from conftest import save_tiny_model, tiny_model, tiny_tokenizer
 from abliterate.cli import main
 from abliterate.export import ModelCard, clean_partials
 from abliterate.model import ChatModel, left_pad, load_chat_model
-from abliterate.pipeline import ask_selection
+from abliterate.pipeline import ask_selection, direction_cell
 
 FAST = [
     "--harmful-train-split", "train[:8]", "--harmless-train-split", "train[:8]",
@@ -410,3 +410,21 @@ def test_push_to_hub_without_a_token_stops_before_the_study(model, tmp_path, mon
         "abliterate: error: --push-to-hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN"
     )
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("params", "cell"),
+    [
+        ({"direction_scope": "global", "direction_index": 7.25}, "layer 7.25"),
+        # A per-layer trial still draws an index (see space.py): the table must not show it.
+        ({"direction_scope": "per-layer", "direction_index": 7.25}, "per layer"),
+        ({"direction_index": 3.5}, "layer 3.50"),  # --direction-scope global: no scope parameter
+        ({}, "per layer"),  # --direction-scope per-layer
+        (
+            {"direction_scope": "global", "direction_index": 2.0, "direction_projection": 0.375},
+            "layer 2.00, projected 0.38",
+        ),
+    ],
+)
+def test_the_front_table_says_where_each_direction_comes_from(params, cell):
+    assert direction_cell(params) == cell

@@ -419,14 +419,24 @@ def front_table(front, eval_prompts: int | None) -> Table:
     for column in ("trial", "refusals", "KL", "direction"):
         table.add_column(column, justify="right")
     for trial in front:
-        direction = trial.params.get("direction_index")
         table.add_row(
             str(trial.number),
             f"{int(trial.values[0])}/{eval_prompts}" if eval_prompts else str(int(trial.values[0])),
             f"{trial.values[1]:.4f}",
-            "per layer" if direction is None else f"{direction:.2f}",
+            direction_cell(trial.params),
         )
     return table
+
+
+def direction_cell(params: dict) -> str:
+    """Where a trial's direction comes from: a layer index or each layer's own, and how far it was
+    projected against the harmless mean when that was searched."""
+    index = params.get("direction_index")
+    scope = params.get("direction_scope") or ("global" if index is not None else "per-layer")
+    cell = f"layer {index:.2f}" if scope == "global" else "per layer"
+    if "direction_projection" in params:
+        cell += f", projected {params['direction_projection']:.2f}"
+    return cell
 
 
 def ask_selection(front) -> str:
