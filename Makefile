@@ -22,7 +22,7 @@ $(BIN)/.installed: pyproject.toml
 # The demo model (6 layers, trained from scratch) keeps its refusal in the middle of the stack, unlike
 # real chat models: it is searched in the wide space with plain mean-difference directions (README).
 demo: $(BIN)/.installed
-	$(BIN)/abliterate --n-trials 60 --n-startup-trials 20 --search-space wide --direction mean-difference \
+	$(BIN)/abliterate --n-trials 60 --n-startup-trials 20 --search-space wide --direction mean-difference --warm-starts false \
 		--select min-refusals --output abliterated/demo
 
 # What `make test` checks first: lint and formatting.

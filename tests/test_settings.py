@@ -15,9 +15,9 @@ def test_defaults():
     assert settings.n_trials == 200
     assert settings.n_startup_trials is None  # scaled to --n-trials by the study
     assert (settings.direction, settings.search_space, settings.warm_starts) == (
-        "projected",
+        "search",
         "calibrated",
-        False,
+        True,
     )
     assert settings.time_budget is None
     assert settings.cache_weights is True

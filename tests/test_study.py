@@ -18,13 +18,13 @@ from abliterate.space import SearchSpace
 from abliterate.study import (
     MAX_CONSECUTIVE_FAILURES,
     Objective,
-    enqueue_warm_starts,
     fail_stale_trials,
     knee,
     open_storage,
     open_study,
     pareto_front,
     pin_scoring,
+    plan_warm_starts,
     run_study,
     select_trial,
     startup_trials,
@@ -247,18 +247,38 @@ def test_start_up_trials_scale_with_the_study_unless_given(n_trials, given, expe
     assert startup_trials(n_trials, given) == expected
 
 
-def test_warm_starts_are_queued_once_and_only_in_a_new_study(tmp_path):
+def test_warm_starts_are_planned_once_and_only_in_a_new_study(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = open_study(open_storage(url), "s", seed=0, n_startup_trials=10, model_source="m")
     starts = [{"direction_index": 1.0}, {"direction_index": 2.0}]
-    enqueue_warm_starts(study, starts)
-    enqueue_warm_starts(study, starts)  # a second worker, or a rerun before any trial ran
-    waiting = study.get_trials(states=(TrialState.WAITING,))
-    assert [trial.system_attrs["fixed_params"] for trial in waiting] == starts
+    plan_warm_starts(study, starts)
+    plan_warm_starts(study, [{"direction_index": 9.0}])  # a second worker, or a rerun before any trial ran
+    assert study.user_attrs["warm_starts"] == starts
     used = open_study(open_storage(f"sqlite:///{tmp_path / 'other.db'}"), "s", 0, 10, "m")
     used.add_trial(optuna.trial.create_trial(values=[1, 0.1], params={}, distributions={}))
-    enqueue_warm_starts(used, starts)
-    assert not used.get_trials(states=(TrialState.WAITING,))
+    plan_warm_starts(used, starts)
+    assert "warm_starts" not in used.user_attrs
+
+
+def test_the_first_trials_take_the_warm_starts_and_later_ones_are_drawn(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    starts = [{"x": 1.0, "scope": "b"}, {"x": 2.0, "scope": "a"}]
+
+    def objective(trial):
+        return trial.suggest_float("x", 0.0, 3.0), float(
+            trial.suggest_categorical("scope", ["a", "b"]) == "a"
+        )
+
+    study = open_study(open_storage(url), "s", seed=0, n_startup_trials=2, model_source="m")
+    plan_warm_starts(study, starts)
+    study.optimize(objective, n_trials=3)
+    # A resumed study (a new process: a new sampler) goes on drawing; no waiting trials are involved.
+    resumed = open_study(open_storage(url), "s", seed=0, n_startup_trials=2, model_source="m")
+    resumed.optimize(objective, n_trials=2)
+    trials = resumed.get_trials()
+    assert [trial.state for trial in trials] == [TrialState.COMPLETE] * 5
+    assert [trial.params for trial in trials[:2]] == starts
+    assert all(trial.params["x"] not in (1.0, 2.0) for trial in trials[2:])
 
 
 def test_a_study_begun_before_projected_directions_continues_only_with_mean_differences():

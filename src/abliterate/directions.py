@@ -80,7 +80,7 @@ def directions_at(basis: torch.Tensor, projection: float = 0.0) -> torch.Tensor:
     if basis.dim() == 2:
         return basis
     directions, means = basis.float()
-    if projection == 0:  # as stored, to the bit
+    if projection == 0 or not means.any():  # nothing to project: as stored, to the bit
         return directions
     along = (directions * means).sum(dim=-1, keepdim=True) * means
     return F.normalize(directions - projection * along, dim=-1)

@@ -60,12 +60,12 @@ from abliterate.settings import Settings, is_selection
 from abliterate.space import SearchSpace, edits_from_params
 from abliterate.study import (
     Objective,
-    enqueue_warm_starts,
     finished_trials,
     open_storage,
     open_study,
     pareto_front,
     pin_scoring,
+    plan_warm_starts,
     run_study,
     select_trial,
     startup_trials,
@@ -357,7 +357,7 @@ def search(session: Session, console: Console) -> None:
         search_projection=settings.direction == "search",
     )
     if settings.warm_starts:
-        enqueue_warm_starts(session.study, space.warm_starts())
+        plan_warm_starts(session.study, space.warm_starts())
     eval_prompts = session.study.user_attrs["eval_prompts"]
 
     def report(trial: optuna.Trial, scores) -> None:

@@ -123,8 +123,8 @@ class Settings(BaseSettings):
         json_schema_extra={"metavar": "N"},
     )
     warm_starts: bool = Field(
-        False,
-        description="begin a new study with three classic edits (one direction, weight 1 on every layer)",
+        True,
+        description="begin a new study with classic edits (one direction, weight 1 on every layer)",
     )
     search_space: SpaceName = Field(
         "calibrated",
@@ -136,7 +136,7 @@ class Settings(BaseSettings):
         description="global: one interpolated direction; per-layer: each layer's own; search: let Optuna choose",
     )
     direction: DirectionMethod = Field(
-        "projected",
+        "search",
         description="refusal direction: mean-difference (harmful minus harmless mean), projected "
         "(its part orthogonal to the harmless mean, which leaves what harmless prompts share alone), "
         "or search (each trial projects by its own amount, from 0 to 1)",

@@ -215,22 +215,47 @@ def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
 
 
 class TrialSeededSampler(optuna.samplers.TPESampler):
-    """TPE whose random draws for each trial are seeded by the study's seed and the trial's number.
+    """TPE whose random draws for each trial are seeded by the study's seed and the trial's number,
+    and whose first trials take the study's planned warm starts (`plan_warm_starts`).
 
     A sampler seeded once per process repeats itself in every worker that opens the study at the
     same moment: their random start-up trials would be the same points. Seeded per trial, every
     trial draws differently, and a single-process rerun with the same seed repeats the study.
+    Warm starts go by trial number too, not through Optuna's queue of waiting trials: on SQLite
+    two workers can pop the same waiting trial, and the second then fails to report it.
     """
 
     def __init__(self, seed: int, **options):
         super().__init__(seed=seed, **options)
         self.seed = seed
+        self._warm_start: dict[int, dict] = {}  # by trial number, for the trials being sampled
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         super().before_trial(study, trial)
         trial_seed = (self.seed * 1_000_003 + trial.number) % 2**32
         self._rng.rng.seed(trial_seed)  # TPE's own draws
         self._random_sampler._rng.rng.seed(trial_seed)  # the start-up trials' draws
+        planned = study.user_attrs.get("warm_starts", [])
+        if trial.number < len(planned):
+            self._warm_start[trial.number] = planned[trial.number]
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
+        start = self._warm_start.get(trial.number)
+        if start is not None:
+            return {name: start[name] for name in search_space if name in start}
+        return super().sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution
+    ):
+        start = self._warm_start.get(trial.number)
+        if start is not None and param_name in start:
+            return start[param_name]
+        return super().sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state, values) -> None:
+        self._warm_start.pop(trial.number, None)
+        super().after_trial(study, trial, state, values)
 
 
 def open_study(
@@ -269,13 +294,14 @@ def startup_trials(n_trials: int, n_startup_trials: int | None) -> int:
     return min(n_trials, 60, max(15, round(0.3 * n_trials)))
 
 
-def enqueue_warm_starts(study: optuna.Study, starts: list[dict]) -> None:
-    """Queue `starts` as the first trials of a new study; a study that has trials already is left alone."""
-    if study.get_trials(deepcopy=False) or study.user_attrs.get("warm_starts_queued"):
+def plan_warm_starts(study: optuna.Study, starts: list[dict]) -> None:
+    """Make `starts` the parameters of a new study's first trials (see `TrialSeededSampler`).
+
+    A study that has trials already, or a plan, is left alone: a resumed study, or a second worker.
+    """
+    if study.get_trials(deepcopy=False) or "warm_starts" in study.user_attrs:
         return
-    study.set_user_attr("warm_starts_queued", len(starts))  # first: a second worker skips them
-    for params in starts:
-        study.enqueue_trial(params)
+    study.set_user_attr("warm_starts", starts)
 
 
 def _same_source(first: str, second: str) -> bool:
