@@ -156,9 +156,12 @@ def test_a_demo_study_in_the_wide_space_draws_from_it(tmp_path, monkeypatch):
 
 def test_a_demo_study_begins_with_its_warm_starts(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    study = demo_study(tmp_path)  # the defaults: warm starts, a searched projection
+    study = demo_study(tmp_path)  # the defaults: warm starts
+    starts = SearchSpace(num_layers=6).warm_starts()
+    assert len(starts) == 3 and [trial.params for trial in study.trials[:3]] == starts
+    searched = demo_study(tmp_path / "searched", "--direction", "search")
     starts = SearchSpace(num_layers=6, search_projection=True).warm_starts()
-    assert len(starts) == 4 and [trial.params for trial in study.trials] == starts
+    assert len(starts) == 4 and [trial.params for trial in searched.trials] == starts
 
 
 def test_a_demo_study_stops_starting_trials_when_its_time_budget_is_spent(tmp_path, monkeypatch, capsys):

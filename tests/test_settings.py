@@ -15,7 +15,7 @@ def test_defaults():
     assert settings.n_trials == 200
     assert settings.n_startup_trials is None  # scaled to --n-trials by the study
     assert (settings.direction, settings.search_space, settings.warm_starts) == (
-        "search",
+        "projected",
         "calibrated",
         True,
     )

@@ -136,7 +136,7 @@ class Settings(BaseSettings):
         description="global: one interpolated direction; per-layer: each layer's own; search: let Optuna choose",
     )
     direction: DirectionMethod = Field(
-        "search",
+        "projected",
         description="refusal direction: mean-difference (harmful minus harmless mean), projected "
         "(its part orthogonal to the harmless mean, which leaves what harmless prompts share alone), "
         "or search (each trial projects by its own amount, from 0 to 1)",
