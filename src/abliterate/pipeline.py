@@ -57,7 +57,7 @@ from abliterate.model import (
 from abliterate.prompts import load_prompts
 from abliterate.reset import AdapterEditor, Edit, Editor, apply_edit, choose_strategy, describe, make_editor
 from abliterate.settings import Settings, is_selection
-from abliterate.space import SearchSpace, edits_from_params
+from abliterate.space import SearchSpace, direction_scope_of, edits_from_params
 from abliterate.study import (
     Objective,
     finished_trials,
@@ -356,8 +356,7 @@ def search(session: Session, console: Console) -> None:
         ranges=settings.search_space,
         search_projection=settings.direction == "search",
     )
-    if settings.warm_starts:
-        plan_warm_starts(session.study, space.warm_starts())
+    plan_warm_starts(session.study, space.warm_starts() if settings.warm_starts else [])
     eval_prompts = session.study.user_attrs["eval_prompts"]
 
     def report(trial: optuna.Trial, scores) -> None:
@@ -431,9 +430,8 @@ def front_table(front, eval_prompts: int | None) -> Table:
 def direction_cell(params: dict) -> str:
     """Where a trial's direction comes from: a layer index or each layer's own, and how far it was
     projected against the harmless mean when that was searched."""
-    index = params.get("direction_index")
-    scope = params.get("direction_scope") or ("global" if index is not None else "per-layer")
-    cell = f"layer {index:.2f}" if scope == "global" else "per layer"
+    global_scope = direction_scope_of(params) == "global"
+    cell = f"layer {params['direction_index']:.2f}" if global_scope else "per layer"
     if "direction_projection" in params:
         cell += f", projected {params['direction_projection']:.2f}"
     return cell

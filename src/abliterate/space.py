@@ -123,6 +123,12 @@ class SearchSpace:
         return starts
 
 
+def direction_scope_of(params: dict) -> str:
+    """A trial's direction scope: a parameter when searched; else a fixed global scope leaves a
+    direction index, and per-layer none."""
+    return params.get("direction_scope") or ("global" if "direction_index" in params else "per-layer")
+
+
 def edits_from_params(params: dict, basis: torch.Tensor) -> list[Edit]:
     """The edits a trial's parameters describe: one per (layer, component) with a non-zero weight.
 
@@ -134,8 +140,11 @@ def edits_from_params(params: dict, basis: torch.Tensor) -> list[Edit]:
     """
     directions = directions_at(basis, params.get("direction_projection", 0.0))
     num_layers = directions.shape[0]
-    scope = params.get("direction_scope") or ("global" if "direction_index" in params else "per-layer")
-    shared = interpolate_direction(directions, params["direction_index"]) if scope == "global" else None
+    shared = (
+        interpolate_direction(directions, params["direction_index"])
+        if direction_scope_of(params) == "global"
+        else None
+    )
     edits = []
     for component in COMPONENTS:
         if f"{component}.max_weight" not in params:

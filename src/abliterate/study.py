@@ -228,19 +228,19 @@ class TrialSeededSampler(optuna.samplers.TPESampler):
     def __init__(self, seed: int, **options):
         super().__init__(seed=seed, **options)
         self.seed = seed
-        self._warm_start: dict[int, dict] = {}  # by trial number, for the trials being sampled
+        self.warm_starts: list[dict] = []  # the study's plan, handed over by `plan_warm_starts`
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         super().before_trial(study, trial)
         trial_seed = (self.seed * 1_000_003 + trial.number) % 2**32
         self._rng.rng.seed(trial_seed)  # TPE's own draws
         self._random_sampler._rng.rng.seed(trial_seed)  # the start-up trials' draws
-        planned = study.user_attrs.get("warm_starts", [])
-        if trial.number < len(planned):
-            self._warm_start[trial.number] = planned[trial.number]
+
+    def _warm_start(self, trial: FrozenTrial) -> dict | None:
+        return self.warm_starts[trial.number] if trial.number < len(self.warm_starts) else None
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
-        start = self._warm_start.get(trial.number)
+        start = self._warm_start(trial)
         if start is not None:
             return {name: start[name] for name in search_space if name in start}
         return super().sample_relative(study, trial, search_space)
@@ -248,14 +248,10 @@ class TrialSeededSampler(optuna.samplers.TPESampler):
     def sample_independent(
         self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution
     ):
-        start = self._warm_start.get(trial.number)
+        start = self._warm_start(trial)
         if start is not None and param_name in start:
             return start[param_name]
         return super().sample_independent(study, trial, param_name, param_distribution)
-
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state, values) -> None:
-        self._warm_start.pop(trial.number, None)
-        super().after_trial(study, trial, state, values)
 
 
 def open_study(
@@ -295,13 +291,15 @@ def startup_trials(n_trials: int, n_startup_trials: int | None) -> int:
 
 
 def plan_warm_starts(study: optuna.Study, starts: list[dict]) -> None:
-    """Make `starts` the parameters of a new study's first trials (see `TrialSeededSampler`).
+    """Make `starts` the parameters of a new study's first trials, and hand the study's plan to its
+    sampler (see `TrialSeededSampler`).
 
-    A study that has trials already, or a plan, is left alone: a resumed study, or a second worker.
+    A study that has trials already, or a plan, keeps what it has: a resumed study, or a second
+    worker, follows the plan the study was begun with.
     """
-    if study.get_trials(deepcopy=False) or "warm_starts" in study.user_attrs:
-        return
-    study.set_user_attr("warm_starts", starts)
+    if starts and not study.get_trials(deepcopy=False) and "warm_starts" not in study.user_attrs:
+        study.set_user_attr("warm_starts", starts)
+    study.sampler.warm_starts = study.user_attrs.get("warm_starts", [])
 
 
 def _same_source(first: str, second: str) -> bool:
