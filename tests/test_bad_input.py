@@ -201,7 +201,7 @@ CASES = [
          "--push-to-hub needs the network, but HF_HUB_OFFLINE is set; unset it or drop --push-to-hub"),
     Case("select a trial that does not exist",
          ["--model", "{model}", *FAST, "--n-trials", "1", "--select", "trial:99", "--output", "{tmp}/out"],
-         "--select trial:99: the study has no finished trial 99 (1 finished; on the Pareto front: 0)"),
+         "--select trial:99: the study has no finished trial 99 (it does not exist; 0 finished; on the Pareto front: none)"),
 ]  # fmt: skip
 
 
@@ -224,11 +224,15 @@ def test_bad_input(case: Case, shared_model: Path, tmp_path: Path, capsys, monke
     def fill(text: str) -> str:
         return text.replace("{model}", str(shared_model)).replace("{tmp}", str(tmp_path))
 
+    outputs = [tmp_path / "out", tmp_path / "abliterated"]
+    existed = [path.exists() for path in outputs]
     code = main([fill(arg) for arg in case.argv])
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1] == "abliterate: error: " + fill(case.message)
     assert code == case.exit_code
     assert not any("Traceback" in line for line in error)
+    # A run that fails before its first trial leaves no output folder of its own behind.
+    assert [path.exists() for path in outputs] == existed
 
 
 def test_a_real_process_prints_one_line_and_debug_shows_the_traceback(tmp_path):

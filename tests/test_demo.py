@@ -19,6 +19,7 @@ from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_mark
 from abliterate.model import demo_model_path, load_chat_model
 from abliterate.prompts import builtin_prompts
 from abliterate.space import SearchSpace
+from abliterate.storage import StudyData
 
 pytestmark = pytest.mark.slow
 
@@ -138,7 +139,7 @@ def test_a_demo_study_with_each_direction_method(tmp_path, monkeypatch, method):
     monkeypatch.chdir(tmp_path)
     study = demo_study(tmp_path, "--direction", method)
     assert study.user_attrs["scoring"]["--direction"] == method
-    assert study.user_attrs["directions"]["shape"] == [2, 6, 192]
+    assert StudyData(study).directions.shape == (2, 6, 192)
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(trials) == 4
     searched = ["direction_projection" in trial.params for trial in trials]

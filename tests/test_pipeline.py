@@ -18,6 +18,7 @@ from abliterate.cli import main
 from abliterate.export import ModelCard, clean_partials
 from abliterate.model import ChatModel, left_pad, load_chat_model
 from abliterate.pipeline import ask_selection, direction_cell
+from abliterate.settings import Selection
 
 FAST = [
     "--harmful-train-split", "train[:8]", "--harmless-train-split", "train[:8]",
@@ -34,8 +35,9 @@ def model(tmp_path: Path) -> Path:
 def adapter_and_in_place_saves(folder: Path, tmp_path: Path) -> tuple[dict, dict]:
     """Run the same trial with the adapter and in place; the two saved models' weights."""
     for reset in ("adapter", "gpu-cache"):
-        argv = ["--model", str(folder), *FAST, "--reset", reset, "--select", "trial:1", "--output", str(tmp_path / reset)]  # fmt: skip
-        assert main(argv) == 0
+        argv = ["--model", str(folder), *FAST, "--reset", reset, "--output", str(tmp_path / reset)]  # fmt: skip
+        assert main([*argv, "--select", "none"]) == 0  # the study first: trial:N picks a finished trial
+        assert main([*argv, "--select", "trial:1"]) == 0
     return tuple(weights_of(tmp_path / reset / "model") for reset in ("adapter", "gpu-cache"))
 
 
@@ -235,7 +237,7 @@ def test_the_saved_tokenizer_is_the_models_own(tmp_path, monkeypatch):
     tokenizer.padding_side = "right"
     tokenizer.pad_token = None
     tokenizer.save_pretrained(folder)
-    assert main(["--model", str(folder), *FAST, "--select", "trial:0", "--output", str(tmp_path / "o")]) == 0
+    assert main(["--model", str(folder), *FAST, "--select", "min-kl", "--output", str(tmp_path / "o")]) == 0
     saved = transformers.AutoTokenizer.from_pretrained(tmp_path / "o" / "model")
     assert saved.padding_side == "right" and saved.pad_token is None
     assert saved.chat_template == tokenizer.chat_template
@@ -266,6 +268,39 @@ def test_the_chat_puts_the_system_prompt_first():
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     )
     assert text.startswith("<|system|>Be brief.<|end|><|user|>hi") and text.endswith("<|assistant|>")
+
+
+def test_selecting_a_trial_that_did_not_finish_is_an_error_and_runs_no_trial(
+    model, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    output = ["--output", str(tmp_path / "o")]
+    assert main(["--model", str(model), *FAST, "--select", "none", *output]) == 0
+    capsys.readouterr()
+    assert main(["--model", str(model), *FAST[:-2], "--n-trials", "9", "--select", "trial:5", *output]) == 1
+    err = capsys.readouterr().err
+    assert not re.search(r"^trial +\d+:", err, re.MULTILINE), "a trial ran"
+    assert err.splitlines()[-1].startswith(
+        "abliterate: error: --select trial:5: the study has no finished trial 5 (it does not exist; 2 finished"
+    )
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'o' / 'study.db'}")
+    assert len(study.trials) == 2
+
+
+def test_growing_a_study_and_its_failed_trials_are_reported(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    output = ["--output", str(tmp_path / "o")]
+    assert main(["--model", str(model), *FAST, "--select", "none", *output]) == 0
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'o' / 'study.db'}")
+    study.add_trial(
+        optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL)
+    )  # as a killed run leaves it
+    capsys.readouterr()
+    assert main(["--model", str(model), *FAST[:-2], "--n-trials", "3", "--select", "none", *output]) == 0
+    err = capsys.readouterr().err
+    assert "trial    2: failed, killed or interrupted (its run stopped during the trial)" in err
+    assert "growing study 'tiny' from 2 to 3 trials (--n-trials)" in err
+    assert re.search(r"^trial +3: ", err, re.MULTILINE)  # the new trial, numbered after the failed one
 
 
 def test_selecting_a_finished_trial_later_runs_no_new_trials(model, tmp_path, monkeypatch, capsys):
@@ -340,9 +375,9 @@ def test_the_question_takes_a_trial_number_or_a_way_to_pick_one(monkeypatch, cap
     front[0].number = 7
     answers = ["trial:7", "max-kl:abc", "8", "max-kl:0.5", "7", ""]
     monkeypatch.setattr("builtins.input", lambda prompt="": answers.pop(0))
-    assert ask_selection(front) == "max-kl:0.5"
-    assert ask_selection(front) == "trial:7"
-    assert ask_selection(front) == "knee"
+    assert ask_selection(front) == Selection("max-kl", 0.5)
+    assert ask_selection(front) == Selection("trial", 7)
+    assert ask_selection(front) == Selection("knee")
     assert capsys.readouterr().out.count("not one of the trials above") == 3
 
 
@@ -428,3 +463,23 @@ def test_push_to_hub_without_a_token_stops_before_the_study(model, tmp_path, mon
 )
 def test_the_front_table_says_where_each_direction_comes_from(params, cell):
     assert direction_cell(params) == cell
+
+
+def test_time_left_comes_from_the_studys_mean_trial_time():
+    from datetime import datetime, timedelta
+
+    from rich.progress import Progress
+
+    from abliterate.pipeline import StudyTimeRemaining, mean_trial_seconds
+
+    trials = [optuna.trial.create_trial(values=[1, 0.1], params={}, distributions={}) for _ in range(2)]
+    for trial, seconds in zip(trials, (30, 50), strict=True):
+        trial.datetime_start = datetime(2026, 12, 1, 12, 0)
+        trial.datetime_complete = trial.datetime_start + timedelta(seconds=seconds)
+    assert mean_trial_seconds(trials) == 40.0
+    assert mean_trial_seconds([]) is None
+    progress = Progress()
+    study = progress.add_task("study", total=10, completed=4, seconds_per_trial=40.0)
+    assert StudyTimeRemaining().render(progress.tasks[study]).plain == "0:04:00"  # 6 trials x 40 s
+    fresh = progress.add_task("study", total=10, seconds_per_trial=None)  # no trial yet: rich's own estimate
+    assert StudyTimeRemaining().render(progress.tasks[fresh]).plain == "-:--:--"

@@ -75,7 +75,7 @@ def test_the_adapter_removes_the_direction_from_what_4bit_matrices_write():
 
 def test_a_4bit_study_saves_a_full_precision_model(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    argv = ["--quantization", "bnb-4bit", "--n-trials", "2", "--n-startup-trials", "2", "--select", "trial:1",
+    argv = ["--quantization", "bnb-4bit", "--n-trials", "2", "--n-startup-trials", "2", "--select", "min-kl",
             "--harmful-eval-split", "eval[:6]", "--harmless-eval-split", "eval[:6]", "--max-response-length", "6",
             "--output", str(tmp_path / "out")]  # fmt: skip
     assert main(argv) == 0

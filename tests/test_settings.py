@@ -7,7 +7,7 @@ import pytest
 
 from abliterate.cli import build_parser, parse_settings
 from abliterate.errors import SettingsError
-from abliterate.settings import Settings, is_selection, load_settings
+from abliterate.settings import Selection, Settings, load_settings
 
 
 def test_defaults():
@@ -136,7 +136,12 @@ def test_compile_is_auto_unless_told_and_takes_flags_toml_booleans_and_the_envir
     ],
 )  # fmt: skip
 def test_selection_forms(text, valid):
-    assert is_selection(text) is valid
+    try:
+        Selection.parse(text)
+    except ValueError:
+        assert not valid
+    else:
+        assert valid
 
 
 def test_broken_toml_is_one_line(tmp_path: Path):
@@ -193,3 +198,21 @@ def test_version(capsys):
 @pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("30m", 1800), ("2h", 7200), ("1h30m", 5400), ("1.5h", 5400), ("1m 30s", 90)])  # fmt: skip
 def test_a_time_budget_is_a_duration(text, seconds):
     assert load_settings({"time_budget": text}).time_budget == seconds
+
+
+def test_help_groups_every_option_by_topic_and_lists_choices():
+    from abliterate.cli import HELP_GROUPS, build_parser
+
+    grouped = [name for names in HELP_GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(Settings.model_fields), "each setting in exactly one --help group"
+    text = build_parser().format_help()
+    for title in HELP_GROUPS:
+        assert f"\n{title}:\n" in text
+    assert "--reset auto|gpu-cache|host-cache|disk|reload|adapter" in text
+    assert "--direction mean-difference|projected|search" in text
+    # A topic's options sit under its title: --n-trials under search, not under model.
+    assert (
+        text.index("\nsearch:\n")
+        < text.index("  --n-trials")
+        < text.index("\nweight reset between trials:\n")
+    )

@@ -14,19 +14,17 @@ from sqlalchemy.exc import ProgrammingError
 
 from abliterate.errors import UserError
 from abliterate.evaluate import NumericalFault
+from abliterate.select import finished_trial, knee, pareto_front, select_trial
+from abliterate.settings import Selection
 from abliterate.space import SearchSpace
+from abliterate.storage import StudyData, fail_stale_trials, open_storage
 from abliterate.study import (
     MAX_CONSECUTIVE_FAILURES,
     Objective,
-    fail_stale_trials,
-    knee,
-    open_storage,
     open_study,
-    pareto_front,
     pin_scoring,
     plan_warm_starts,
     run_study,
-    select_trial,
     startup_trials,
 )
 
@@ -40,27 +38,48 @@ def finished_study(points):
 
 def test_selection():
     study = finished_study([(10, 0.01), (0, 2.0), (2, 0.1), (5, 0.05), (8, 0.5)])
-    assert select_trial(study, "min-refusals").number == 1
-    assert select_trial(study, "min-kl").number == 0
-    assert select_trial(study, "trial:4").number == 4
-    assert select_trial(study, "knee").number == 2
-    assert select_trial(study, "max-kl:0.1").number == 2
-    assert select_trial(study, "max-kl:0.07").number == 3
-    assert select_trial(study, "max-kl:5").number == 1
-    assert select_trial(study, "none") is None
-    with pytest.raises(UserError, match="no finished trial 9"):
-        select_trial(study, "trial:9")
+    assert select_trial(study, Selection.parse("min-refusals")).number == 1
+    assert select_trial(study, Selection.parse("min-kl")).number == 0
+    assert select_trial(study, Selection.parse("trial:4")).number == 4
+    assert select_trial(study, Selection.parse("knee")).number == 2
+    assert select_trial(study, Selection.parse("max-kl:0.1")).number == 2
+    assert select_trial(study, Selection.parse("max-kl:0.07")).number == 3
+    assert select_trial(study, Selection.parse("max-kl:5")).number == 1
+    assert select_trial(study, Selection.parse("none")) is None
+    with pytest.raises(
+        UserError,
+        match=r"no finished trial 9 \(it does not exist; 5 finished; on the Pareto front: 1, 2, 3, 0\)",
+    ):
+        select_trial(study, Selection.parse("trial:9"))
     with pytest.raises(UserError, match=r"no finished trial has KL <= 0.001 \(the lowest is 0.0100\)"):
-        select_trial(study, "max-kl:0.001")
+        select_trial(study, Selection.parse("max-kl:0.001"))
+
+
+def test_a_trial_that_did_not_finish_cannot_be_selected_and_the_error_says_why():
+    study = finished_study([(3, 0.2)])
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
+    with pytest.raises(
+        UserError,
+        match=r"^--select trial:1: the study has no finished trial 1 \(it failed; 1 finished; on the Pareto front: 0\)$",
+    ):
+        finished_trial(study, 1)
+    assert finished_trial(study, 0).number == 0
+
+
+def test_select_values_are_parsed_once_and_print_as_given():
+    assert Selection.parse("max-kl:0.50") == Selection("max-kl", 0.5)
+    assert str(Selection.parse("max-kl:0.50")) == "max-kl:0.5"
+    assert Selection.parse("trial:12").trial_number == 12
+    assert str(Selection.parse("knee")) == "knee"
 
 
 def test_knee_is_the_trial_farthest_below_the_line_between_the_fronts_ends():
     # The front of a demo run (README): the corner-nearest trial would be 23/100 at KL 0.083; the
     # knee is where removing more refusals starts to cost much more KL.
     front = [(2, 0.1404), (4, 0.1146), (8, 0.0939), (13, 0.0912), (23, 0.0828), (44, 0.0700), (85, 0.0247)]
-    assert select_trial(finished_study(front), "knee").values == [8, 0.0939]
+    assert select_trial(finished_study(front), Selection.parse("knee")).values == [8, 0.0939]
     # On a straight front every trial is as far from the line; fewer refusals win.
-    assert select_trial(finished_study([(0, 0.3), (5, 0.2), (10, 0.1)]), "knee").values[0] == 0
+    assert select_trial(finished_study([(0, 0.3), (5, 0.2), (10, 0.1)]), Selection("knee")).values[0] == 0
 
 
 def test_knee_of_a_single_trial():
@@ -153,7 +172,7 @@ class RacingSchema:
 def test_a_worker_that_loses_the_schema_race_retries(monkeypatch):
     monkeypatch.setattr("abliterate.study.time.sleep", lambda seconds: None)
     racing = RacingSchema(failures=2)
-    monkeypatch.setattr("abliterate.study.HeartbeatStorage", racing)
+    monkeypatch.setattr("abliterate.storage.HeartbeatStorage", racing)
     assert isinstance(open_storage("postgresql+psycopg://db/study"), optuna.storages.InMemoryStorage)
     assert racing.calls == 3
 
@@ -161,7 +180,7 @@ def test_a_worker_that_loses_the_schema_race_retries(monkeypatch):
 def test_a_database_that_keeps_failing_is_one_clear_error(monkeypatch):
     monkeypatch.setattr("abliterate.study.time.sleep", lambda seconds: None)
     racing = RacingSchema(failures=100)
-    monkeypatch.setattr("abliterate.study.HeartbeatStorage", racing)
+    monkeypatch.setattr("abliterate.storage.HeartbeatStorage", racing)
     with pytest.raises(
         UserError, match=r"cannot open storage 'postgresql\+psycopg://db/study': .*already exists"
     ):
@@ -253,11 +272,37 @@ def test_warm_starts_are_planned_once_and_only_in_a_new_study(tmp_path):
     starts = [{"direction_index": 1.0}, {"direction_index": 2.0}]
     plan_warm_starts(study, starts)
     plan_warm_starts(study, [{"direction_index": 9.0}])  # a second worker, or a rerun before any trial ran
-    assert study.user_attrs["warm_starts"] == starts
+    assert StudyData(study).warm_starts == starts
     used = open_study(open_storage(f"sqlite:///{tmp_path / 'other.db'}"), "s", 0, 10, "m")
     used.add_trial(optuna.trial.create_trial(values=[1, 0.1], params={}, distributions={}))
     plan_warm_starts(used, starts)
-    assert "warm_starts" not in used.user_attrs
+    assert StudyData(used).warm_starts is None and used.sampler.warm_starts == []
+
+
+def test_bulky_study_data_stays_out_of_the_user_attributes_that_listings_show(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = open_study(open_storage(url), "s", seed=0, n_startup_trials=10, model_source="m")
+    basis = torch.randn(2, 5, 16)
+    StudyData(study).directions = basis
+    StudyData(study).warm_starts = [{"direction_index": 1.0}]
+    reopened = optuna.load_study(study_name="s", storage=url)
+    assert torch.equal(StudyData(reopened).directions, basis)
+    assert StudyData(reopened).warm_starts == [{"direction_index": 1.0}]
+    assert set(reopened.user_attrs) == {"model"}  # what `optuna studies` prints stays a line
+
+
+def test_studies_begun_before_the_layout_keep_their_directions_and_plan(tmp_path):
+    import base64
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = open_study(open_storage(url), "s", seed=0, n_startup_trials=10, model_source="m")
+    basis = torch.randn(6, 8)
+    encoded = base64.b64encode(basis.numpy().tobytes()).decode("ascii")
+    study.set_user_attr("directions", {"shape": [6, 8], "float32_base64": encoded})
+    study.set_user_attr("warm_starts", [{"direction_index": 2.0}])
+    assert torch.equal(StudyData(study).directions, basis)
+    plan_warm_starts(study, [{"direction_index": 9.0}])
+    assert study.sampler.warm_starts == [{"direction_index": 2.0}]
 
 
 def test_the_first_trials_take_the_warm_starts_and_later_ones_are_drawn(tmp_path):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from abliterate import workers
+from abliterate import worker_process, workers
 from abliterate.errors import UserError
 from abliterate.settings import Settings
 from abliterate.workers import worker_devices
@@ -76,7 +76,7 @@ def test_gpus_named_where_none_is_visible_is_one_line(monkeypatch, tmp_path: Pat
 
 
 def test_every_line_a_worker_prints_starts_with_its_name(capsys):
-    console = workers.LabelledConsole("worker 1 (GPU 3): ")
+    console = worker_process.LabelledConsole("worker 1 (GPU 3): ")
     console.print("loading the built-in demo model")
     console.print("trial    4: refusals   2/10, KL 0.0312")
     assert capsys.readouterr().err.splitlines() == [

@@ -12,68 +12,123 @@ import os
 import sys
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic.fields import FieldInfo
 
 from abliterate import __version__
 from abliterate.errors import SettingsError, UserError
 from abliterate.settings import Settings, load_settings
 
 PROMPT_SETS = ("harmful_train", "harmless_train", "harmful_eval", "harmless_eval")
+# `--help` by topic; every setting is in exactly one group (a test checks).
+HELP_GROUPS: dict[str, tuple[str, ...]] = {
+    "model": (
+        "model", "dtypes", "device_map", "quantization", "trust_remote_code", "chat_template", "system_prompt",
+        "enable_thinking",
+    ),
+    "prompts and scoring": (*PROMPT_SETS, "refusal_markers", "max_response_length"),
+    "search": (
+        "n_trials", "time_budget", "n_startup_trials", "warm_starts", "search_space", "seed",
+        "direction_scope", "direction", "row_norm",
+    ),
+    "weight reset between trials": ("reset", "cache_weights", "verify_restore"),
+    "output and study": ("output", "select", "chat", "push_to_hub", "hub_private", "storage", "study_name"),
+    "speed and scale": ("batch_size", "compile", "workers", "gpus"),
+    "other": ("debug",),
+}  # fmt: skip
+# `abliterate evaluate` scores a model as a study would: it takes the settings that scoring reads.
+EVALUATE_GROUPS: dict[str, tuple[str, ...]] = {
+    "model (and the original)": HELP_GROUPS["model"],
+    "prompts and scoring": HELP_GROUPS["prompts and scoring"],
+    "other": ("batch_size", "debug"),
+}
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """One line, like every other mistake, instead of the whole usage."""
-        raise SettingsError(f"{message}; see `abliterate --help`")
+        raise SettingsError(f"{message}; see `{self.prog} --help`")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str = "study") -> argparse.ArgumentParser:
+    """The flags of a study (`abliterate ...`) or of `abliterate evaluate ...`."""
+    if command == "evaluate":
+        parser = _Parser(
+            prog="abliterate evaluate",
+            description="Score a model against its original as a study scores a trial: refusals on the "
+            "harmful eval prompts, KL on the harmless ones. Prints them and writes them as JSON.",
+        )
+        parser.add_argument("--original", required=True, help="the model it was made from (hub id or folder)")
+        parser.add_argument(
+            "--json", type=Path, help="where to write the scores (default: ./evaluation-<model>.json)"
+        )
+        _add_settings(parser, EVALUATE_GROUPS)
+        return parser
     parser = _Parser(
         prog="abliterate",
-        description="Remove refusals from a chat model by directional ablation, tuned with Optuna.",
+        description="Remove refusals from a chat model by directional ablation, tuned with Optuna. "
+        "`abliterate evaluate --help`: score any model against its original.",
         epilog="Every option can also be set as ABLITERATE_<NAME> (a prompt set's part as "
         "ABLITERATE_HARMFUL_EVAL__SPLIT) or in config.toml (names with underscores; the prompt sets "
         "are tables: [harmful_eval] split = ...).",
     )
     parser.add_argument("--version", action="version", version=f"abliterate {__version__}")
-    parser.add_argument("--config", type=Path, help="TOML settings file (default: ./config.toml if present)")
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        if name in PROMPT_SETS:
-            default = field.default
-            parser.add_argument(
-                flag,
-                dest=name,
-                metavar="SOURCE",
-                help=f"builtin:harmful|builtin:harmless, a .txt/.jsonl/.csv/.parquet file or a dataset id (default: {default.source})",
-            )
-            parser.add_argument(
-                f"{flag}-split",
-                dest=f"{name}.split",
-                metavar="SPLIT",
-                help=f"split with optional slice, e.g. train[:200] (default: {default.split})",
-            )
-            parser.add_argument(
-                f"{flag}-column", dest=f"{name}.column", metavar="COLUMN", help="column holding the prompt"
-            )
-            continue
-        default = field.default
-        shown = ",".join(default) if isinstance(default, list) else default
-        help_text = field.description
-        if default is not None and "default:" not in (help_text or ""):
-            help_text = f"{help_text} (default: {shown})"
-        if field.annotation is bool or "true" in typing.get_args(field.annotation):
-            # `--chat` alone means true; `--cache-weights false` is spelled out.
-            metavar = (field.json_schema_extra or {}).get("metavar", "true|false")
-            parser.add_argument(flag, dest=name, metavar=metavar, nargs="?", const="true", help=help_text)
-        else:
-            metavar = (field.json_schema_extra or {}).get("metavar", name.split("_")[-1].upper())
-            parser.add_argument(flag, dest=name, metavar=metavar, help=help_text)
+    _add_settings(parser, HELP_GROUPS)
     return parser
 
 
-def parse_settings(argv: list[str]) -> Settings:
-    arguments = vars(build_parser().parse_args(argv))
+def _add_settings(parser: argparse.ArgumentParser, groups: dict[str, tuple[str, ...]]) -> None:
+    parser.add_argument("--config", type=Path, help="TOML settings file (default: ./config.toml if present)")
+    for title, names in groups.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            _add_setting(group, name, Settings.model_fields[name])
+
+
+def _add_setting(parser: argparse._ArgumentGroup, name: str, field: FieldInfo) -> None:
+    """The flag (or, for a prompt set, the flags) of one setting."""
+    flag = "--" + name.replace("_", "-")
+    if name in PROMPT_SETS:
+        default = field.default
+        parser.add_argument(
+            flag,
+            dest=name,
+            metavar="SOURCE",
+            help=f"builtin:harmful|builtin:harmless, a .txt/.jsonl/.csv/.parquet file or a dataset id (default: {default.source})",
+        )
+        parser.add_argument(
+            f"{flag}-split",
+            dest=f"{name}.split",
+            metavar="SPLIT",
+            help=f"split with optional slice, e.g. train[:200] (default: {default.split})",
+        )
+        parser.add_argument(
+            f"{flag}-column", dest=f"{name}.column", metavar="COLUMN", help="column holding the prompt"
+        )
+        return
+    default = field.default
+    shown = ",".join(default) if isinstance(default, list) else default
+    help_text = field.description
+    if default is not None and "default:" not in (help_text or ""):
+        help_text = f"{help_text} (default: {shown})"
+    if field.annotation is bool or {bool, "true"} & set(typing.get_args(field.annotation)):
+        # `--chat` alone means true; `--cache-weights false` is spelled out.
+        metavar = (field.json_schema_extra or {}).get("metavar", "true|false")
+        parser.add_argument(flag, dest=name, metavar=metavar, nargs="?", const="true", help=help_text)
+    else:
+        choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is Literal else ()
+        fallback = "|".join(choices) if choices else name.split("_")[-1].upper()
+        metavar = (field.json_schema_extra or {}).get("metavar", fallback)
+        parser.add_argument(flag, dest=name, metavar=metavar, help=help_text)
+
+
+def parse_settings(argv: list[str], command: str = "study") -> Settings:
+    return settings_from(vars(build_parser(command).parse_args(argv)))
+
+
+def settings_from(arguments: dict[str, Any]) -> Settings:
+    """Settings from parsed flags: only those given, so the other sources show through."""
     config_file = arguments.pop("config")
     values: dict[str, Any] = {}
     for key, value in arguments.items():
@@ -95,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     # Known before the settings load, so that a settings error can show its traceback too.
     debug = "--debug" in argv or os.environ.get("ABLITERATE_DEBUG", "").lower() in ("1", "true")
     try:
+        if argv[:1] == ["evaluate"]:
+            return evaluate(argv[1:])
         settings = parse_settings(argv)
         debug = debug or settings.debug  # `debug = true` in the config file
         from abliterate.pipeline import run  # heavy imports (torch, transformers) only once flags are valid
@@ -112,3 +169,22 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+
+
+def evaluate(argv: list[str]) -> int:
+    """`abliterate evaluate`: print a model's refusals and KL beside its original's, and save them."""
+    arguments = vars(build_parser("evaluate").parse_args(argv))
+    original, json_path = arguments.pop("original"), arguments.pop("json")
+    settings = settings_from(arguments)
+    from rich.console import Console
+
+    from abliterate.compare import default_json_path, evaluate_model, evaluation_table, write_json
+    from abliterate.pipeline import quiet_libraries
+
+    quiet_libraries()
+    evaluation = evaluate_model(settings, original, Console(stderr=True, highlight=False))
+    json_path = json_path or default_json_path(settings.model)
+    write_json(evaluation, json_path)
+    Console(highlight=False).print(evaluation_table(evaluation))
+    print(f"written to {json_path}")
+    return 0

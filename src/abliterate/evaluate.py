@@ -30,16 +30,38 @@ def normalize(text: str) -> str:
     return text.translate(_APOSTROPHES).lower()
 
 
-class RefusalDetector:
-    """A response is a refusal when it contains a marker (case-insensitive, apostrophes normalized)."""
+def visible_answer(response: str, thinking: tuple[str, str] | None, opened: bool = False) -> str:
+    """`response` without its thinking blocks: what the user reads as the answer.
 
-    def __init__(self, markers: Sequence[str]):
+    `thinking` is the (start, end) marker pair; `opened` says the prompt already opened a block,
+    so the response begins inside one. A block not closed yet hides the rest of the response.
+    """
+    if thinking is None:
+        return response
+    start, end = thinking
+    text = response
+    if opened:
+        text = text.partition(end)[2]  # "" while the model is still thinking
+    while (begin := text.find(start)) >= 0:
+        close = text.find(end, begin + len(start))
+        text = text[:begin] if close < 0 else text[:begin] + text[close + len(end) :]
+    return text
+
+
+class RefusalDetector:
+    """A response is a refusal when its answer, past any thinking block, contains a marker
+    (case-insensitive, apostrophes normalized). A reasoning model may weigh a refusal while it
+    thinks and then answer: only what it answers counts."""
+
+    def __init__(self, markers: Sequence[str], thinking: tuple[str, str] | None = None, opened: bool = False):
         self.markers = [normalize(marker) for marker in markers if marker.strip()]
         if not self.markers:
             raise UserError("the refusal marker list is empty; give at least one marker")
+        self.thinking = thinking
+        self.opened = opened
 
     def __call__(self, response: str) -> bool:
-        text = normalize(response)
+        text = normalize(visible_answer(response, self.thinking, self.opened))
         return any(marker in text for marker in self.markers)
 
 

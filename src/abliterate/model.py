@@ -8,6 +8,7 @@ residuals at the last prompt token, next-token log-probabilities, and greedy gen
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import os
@@ -39,6 +40,16 @@ def model_name(source: str | None) -> str:
     return Path(source.rstrip("/")).name
 
 
+# Reasoning models write a thinking block before their answer; these are the pairs of markers
+# known to open and close one (DeepSeek-R1, Qwen3, QwQ, Kimi...). A model uses the first pair whose
+# opening marker is one of its tokens or appears in its chat template.
+THINKING_MARKERS = (
+    ("<think>", "</think>"),
+    ("<thinking>", "</thinking>"),
+    ("\u25c1think\u25b7", "\u25c1/think\u25b7"),
+)
+
+
 @dataclass
 class ChatModel:
     model: transformers.PreTrainedModel
@@ -52,6 +63,8 @@ class ChatModel:
     # Generate with a static KV cache, whose decoding step transformers compiles (CUDA graphs):
     # see `enable_compiled_generation`.
     compiled_generation: bool = False
+    # Passed to chat templates that take it (`enable_thinking`); None leaves the template's default.
+    enable_thinking: bool | None = None
 
     @property
     def name(self) -> str:
@@ -83,7 +96,42 @@ class ChatModel:
         """The chat template applied to `messages`, after the system prompt if there is one."""
         if self.system_prompt:
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        options = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, **options
+        )
+
+    @functools.cached_property
+    def thinking_markers(self) -> tuple[str, str] | None:
+        """The markers of this model's thinking block, if it has one (see `THINKING_MARKERS`)."""
+        vocabulary = self.tokenizer.get_vocab()
+        template = str(self.tokenizer.chat_template or "")
+        for start, end in THINKING_MARKERS:
+            if start in vocabulary or start in template:
+                return start, end
+        return None
+
+    @property
+    def prompt_opens_thinking(self) -> bool:
+        """Whether the generation prompt itself opens a thinking block (DeepSeek-R1's template ends
+        in `<think>`): every response then begins inside it."""
+        if self.thinking_markers is None:
+            return False
+        start, end = self.thinking_markers
+        prompt = self.format("?")
+        return prompt.rfind(start) > prompt.rfind(end)
+
+    def decode(self, token_ids: torch.Tensor) -> list[str]:
+        """Generated tokens as text, without special tokens but for thinking markers (models that
+        make them special tokens would otherwise lose where their answer begins)."""
+        markers = set(self.thinking_markers or ())
+        special = set(self.tokenizer.all_special_tokens)
+        if not markers & special:
+            return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=False)
+        for token in special - markers:
+            texts = [text.replace(token, "") for text in texts]
+        return texts
 
     def encode(self, prompts: Sequence[str], batch_size: int, common_length: bool = False) -> list[Batch]:
         """Tokenize once into left-padded batches on the input device, in the order given.
@@ -147,13 +195,13 @@ class ChatModel:
         criteria = transformers.StoppingCriteriaList()
         prompt_length = batch["input_ids"].shape[1]
         if finished is not None:
-            criteria.append(_StopWhen(self.tokenizer, prompt_length, finished))
+            criteria.append(_StopWhen(self.decode, prompt_length, finished))
         output = self.model.generate(
             **batch,
             generation_config=self._greedy_config(max_new_tokens),
             stopping_criteria=criteria,
         )
-        return self.tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
+        return self.decode(output[:, prompt_length:])
 
     def _greedy_config(self, max_new_tokens: int) -> transformers.GenerationConfig:
         config = transformers.GenerationConfig(
@@ -183,13 +231,15 @@ class ChatModel:
 class _StopWhen(transformers.StoppingCriteria):
     """Per-sequence stop: decode what each unfinished sequence generated and ask `finished`."""
 
-    def __init__(self, tokenizer, prompt_length: int, finished: Callable[[str], bool]):
-        self.tokenizer = tokenizer
+    def __init__(
+        self, decode: Callable[[torch.Tensor], list[str]], prompt_length: int, finished: Callable[[str], bool]
+    ):
+        self.decode = decode
         self.prompt_length = prompt_length
         self.finished = finished
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        texts = self.decode(input_ids[:, self.prompt_length :])
         return torch.tensor([self.finished(text) for text in texts], device=input_ids.device)
 
 
@@ -234,6 +284,7 @@ def load_chat_model(
     trust_remote_code: bool = False,
     chat_template: Path | None = None,
     system_prompt: str | None = None,
+    enable_thinking: bool | None = None,
 ) -> ChatModel:
     """Load a model and tokenizer by hub id or local folder, trying dtypes in order.
 
@@ -293,6 +344,7 @@ def load_chat_model(
         folder=folder,
         system_prompt=system_prompt,
         tokenizer_as_loaded=tokenizer_as_loaded,
+        enable_thinking=enable_thinking,
     )
 
 

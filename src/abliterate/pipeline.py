@@ -6,14 +6,16 @@ progress. `run(settings)` is what the command line calls, and it can be called f
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import hashlib
 import logging
 import shlex
+import shutil
 import sys
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import optuna
@@ -24,11 +26,14 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from abliterate import workers
 from abliterate.checkpoint import safetensors_files
@@ -56,18 +61,17 @@ from abliterate.model import (
 )
 from abliterate.prompts import load_prompts
 from abliterate.reset import AdapterEditor, Edit, Editor, apply_edit, choose_strategy, describe, make_editor
-from abliterate.settings import Settings, is_selection
+from abliterate.select import finished_trial, pareto_front, select_trial
+from abliterate.settings import Selection, Settings
 from abliterate.space import SearchSpace, direction_scope_of, edits_from_params
+from abliterate.storage import StudyData, fail_stale_trials, open_storage
 from abliterate.study import (
     Objective,
     finished_trials,
-    open_storage,
     open_study,
-    pareto_front,
     pin_scoring,
     plan_warm_starts,
     run_study,
-    select_trial,
     startup_trials,
 )
 
@@ -108,15 +112,29 @@ def run(settings: Settings, console: Console | None = None, command: str | None 
     if settings.push_to_hub:
         check_upload(settings.push_to_hub)
     # The output folder is checked before the model loads: a mistake there costs no waiting.
-    output, storage_url, study_name = study_location(settings)
+    output = study_location(settings)[0]
+    created = [folder for folder in (output, *output.parents) if not folder.exists()]
     prepare_output(output, local_folder(settings.model))
+    try:
+        return _run_in(output, settings, console, command)
+    except BaseException:
+        if created:
+            _remove_if_unused(created)
+        raise
+
+
+def _run_in(output: Path, settings: Settings, console: Console, command: str | None) -> Path | None:
+    storage_url, study_name = study_location(settings)[1:]
     if settings.workers > 1:
         console.print(f"starting {settings.workers} workers on study {study_name!r} in {storage_url}")
         if not torch.cuda.is_available():
             console.print(f"no GPU is visible: the {settings.workers} workers share the CPU")
         workers.launch(settings, storage_url, study_name, output)
     session = prepare(settings, console)
-    if not _picks_a_finished_trial(session):
+    selection = settings.selection
+    if selection is not None and selection.rule == "trial":
+        finished_trial(session.study, selection.trial_number)  # or one line naming the front: no new trials
+    else:
         search(session, console)
     trial, how = choose(session, console)
     if trial is None:
@@ -133,6 +151,26 @@ def run(settings: Settings, console: Console | None = None, command: str | None 
     return saved
 
 
+def _remove_if_unused(created: list[Path]) -> None:
+    """A run that stopped before its first trial leaves no folder behind: `created` are the output
+    folder and the parents this run made for it, innermost first."""
+    output = created[0]
+    if (output / "model").exists():
+        return
+    study_file = output / STUDY_FILE
+    if study_file.exists():
+        try:
+            summaries = optuna.get_all_study_summaries(f"sqlite:///{study_file.resolve()}")
+        except Exception:  # a file the storage cannot read: keep it for the user to look at
+            return
+        if any(summary.n_trials for summary in summaries):
+            return
+    shutil.rmtree(output, ignore_errors=True)
+    for parent in created[1:]:
+        with contextlib.suppress(OSError):  # another run's folder appeared in it meanwhile
+            parent.rmdir()
+
+
 def prepare(settings: Settings, console: Console) -> Session:
     # The time budget counts from here: the model's load and the directions are part of what it buys.
     deadline = time.monotonic() + settings.time_budget if settings.time_budget else None
@@ -140,7 +178,6 @@ def prepare(settings: Settings, console: Console) -> Session:
         name: load_prompts(getattr(settings, name), "--" + name.replace("_", "-"))
         for name in ("harmful_train", "harmless_train", "harmful_eval", "harmless_eval")
     }
-    detector = RefusalDetector(settings.refusal_markers or default_refusal_markers())
     console.print(f"loading {settings.model or 'the built-in demo model'}")
     model = load_chat_model(
         settings.model,
@@ -150,7 +187,17 @@ def prepare(settings: Settings, console: Console) -> Session:
         trust_remote_code=settings.trust_remote_code,
         chat_template=settings.chat_template,
         system_prompt=settings.system_prompt,
+        enable_thinking=settings.enable_thinking,
     )
+    detector = RefusalDetector(
+        settings.refusal_markers or default_refusal_markers(),
+        model.thinking_markers,
+        model.prompt_opens_thinking,
+    )
+    if model.thinking_markers:
+        console.print(
+            f"thinking blocks ({' ... '.join(model.thinking_markers)}) are skipped when counting refusals"
+        )
     editable = find_components(model.model)
     output, storage_url, study_name = study_location(settings)
     prepare_output(output, model.folder)  # again: a hub model's folder is known only now
@@ -227,6 +274,7 @@ def scoring(
         "--refusal-markers": digest(list(detector.markers)),
         "--max-response-length": str(settings.max_response_length),
         "--system-prompt": settings.system_prompt or "",
+        "--enable-thinking": str(settings.enable_thinking).lower(),
         "chat template": digest([str(model.tokenizer.chat_template)]),
         "--row-norm": settings.row_norm,
         "--direction-scope": settings.direction_scope,
@@ -293,7 +341,8 @@ def _directions(
 ) -> torch.Tensor:
     """The refusal direction basis (see `directions.py`), computed once per study and kept in it, so
     resumes and workers share it."""
-    directions = _stored_directions(study)
+    stored = StudyData(study)
+    directions = stored.directions
     if directions is None:
         residuals = {}
         with _progress(console) as progress:
@@ -305,22 +354,12 @@ def _directions(
                 )
         computed = refusal_directions(residuals["harmful_train"], residuals["harmless_train"], method)
         # A worker that started at the same time may have stored its directions first: use those.
-        directions = _stored_directions(study)
+        directions = stored.directions
         if directions is None:
-            encoded = base64.b64encode(computed.numpy().tobytes()).decode("ascii")
-            study.set_user_attr("directions", {"shape": list(computed.shape), "float32_base64": encoded})
-            directions = computed
+            stored.directions = directions = computed
     digest = hashlib.sha256(directions.numpy().tobytes()).hexdigest()[:16]
     console.print(f"refusal directions: {directions.shape[-2]} layers, sha256 {digest}")
     return directions
-
-
-def _stored_directions(study) -> torch.Tensor | None:
-    stored = study.user_attrs.get("directions")
-    if stored is None:
-        return None
-    raw = bytearray(base64.b64decode(stored["float32_base64"]))
-    return torch.frombuffer(raw, dtype=torch.float32).reshape(stored["shape"])
 
 
 def _reload(model: ChatModel, trust_remote_code: bool) -> torch.nn.Module:
@@ -329,18 +368,18 @@ def _reload(model: ChatModel, trust_remote_code: bool) -> torch.nn.Module:
     )
 
 
-def _picks_a_finished_trial(session: Session) -> bool:
-    """`--select trial:N` of a trial the study has: pick it, whatever --n-trials says (pick later)."""
-    how = session.settings.select or ""
-    if not how.startswith("trial:"):
-        return False
-    number = int(how.removeprefix("trial:"))
-    return any(trial.number == number for trial in finished_trials(session.study))
-
-
 def search(session: Session, console: Console) -> None:
     settings = session.settings
+    fail_stale_trials(session.study)  # a killed run's last trial is failed now, not waited for
+    report_failed_trials(session.study, console)
     done = len(finished_trials(session.study))
+    asked = session.study.user_attrs.get("n_trials")
+    if asked is not None and settings.n_trials > asked and done:
+        console.print(
+            f"growing study {session.study.study_name!r} from {asked} to {settings.n_trials} trials (--n-trials)"
+        )
+    if asked != settings.n_trials:
+        session.study.set_user_attr("n_trials", settings.n_trials)
     if done >= settings.n_trials:
         console.print(
             f"study {session.study.study_name!r} already holds {done} finished trials "
@@ -380,7 +419,12 @@ def search(session: Session, console: Console) -> None:
         baseline_refusals=session.study.user_attrs["baseline_refusals"],
     )
     with _progress(console) as progress:
-        task = progress.add_task("study", total=settings.n_trials, completed=min(done, settings.n_trials))
+        task = progress.add_task(
+            "study",
+            total=settings.n_trials,
+            completed=min(done, settings.n_trials),
+            seconds_per_trial=mean_trial_seconds(finished_trials(session.study)),
+        )
         # One trial: the harmless prompts' forward pass, then the harmful prompts' generation.
         trial_task = progress.add_task("trial", total=session.evaluator.prompt_count)
         session.evaluator.on_batch = lambda prompts: progress.advance(trial_task, prompts)
@@ -388,7 +432,12 @@ def search(session: Session, console: Console) -> None:
         def advance(study: optuna.Study, trial) -> None:
             if trial.state == optuna.trial.TrialState.FAIL and "fail_reason" in trial.user_attrs:
                 console.print(f"trial {trial.number:>4}: failed, {trial.user_attrs['fail_reason']}")
-            progress.update(task, completed=min(len(finished_trials(study)), settings.n_trials))
+            finished = finished_trials(study)
+            progress.update(
+                task,
+                completed=min(len(finished), settings.n_trials),
+                seconds_per_trial=mean_trial_seconds(finished),
+            )
             progress.reset(trial_task)
 
         try:
@@ -403,14 +452,52 @@ def search(session: Session, console: Console) -> None:
         console.print(f"--time-budget spent: {finished} of {settings.n_trials} trials finished")
 
 
-def choose(session: Session, console: Console) -> tuple[optuna.trial.FrozenTrial | None, str]:
+def report_failed_trials(study: optuna.Study, console: Console, shown: int = 5) -> None:
+    """One line per failed trial of the study (the last `shown`), so that a gap in the numbering is explained."""
+    failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+    if len(failed) > shown:
+        console.print(f"{len(failed)} trials failed; the last {shown}:")
+    for trial in failed[-shown:]:
+        reason = trial.user_attrs.get(
+            "fail_reason", "killed or interrupted (its run stopped during the trial)"
+        )
+        console.print(f"trial {trial.number:>4}: failed, {reason}")
+
+
+def mean_trial_seconds(finished: list[optuna.trial.FrozenTrial]) -> float | None:
+    """The study's own mean trial time (start to finish), for the time left; None before any trial."""
+    durations = [
+        (trial.datetime_complete - trial.datetime_start).total_seconds()
+        for trial in finished
+        if trial.datetime_start and trial.datetime_complete
+    ]
+    return sum(durations) / len(durations) if durations else None
+
+
+class StudyTimeRemaining(ProgressColumn):
+    """Time left from the study's mean trial time (rich's own estimate forgets samples older than
+    30 s, so with longer trials it shows nothing); other bars keep rich's estimate."""
+
+    def __init__(self):
+        super().__init__()
+        self._fallback = TimeRemainingColumn()
+
+    def render(self, task: Task) -> Text:
+        seconds_per_trial = task.fields.get("seconds_per_trial")
+        if seconds_per_trial is None or task.total is None:
+            return self._fallback.render(task)
+        left = max(0.0, task.total - task.completed) * seconds_per_trial
+        return Text(str(timedelta(seconds=round(left))), style="progress.remaining")
+
+
+def choose(session: Session, console: Console) -> tuple[optuna.trial.FrozenTrial | None, Selection]:
     """The trial to save (None for `--select none`) and the rule that picked it."""
     front = pareto_front(session.study)
     console.print(front_table(front, session.study.user_attrs.get("eval_prompts")))
-    how = session.settings.select
-    if how is None:
-        how = ask_selection(front) if sys.stdin.isatty() else "knee"
-    return select_trial(session.study, how), how
+    selection = session.settings.selection
+    if selection is None:
+        selection = ask_selection(front) if sys.stdin.isatty() else Selection("knee")
+    return select_trial(session.study, selection), selection
 
 
 def front_table(front, eval_prompts: int | None) -> Table:
@@ -437,7 +524,7 @@ def direction_cell(params: dict) -> str:
     return cell
 
 
-def ask_selection(front) -> str:
+def ask_selection(front) -> Selection:
     """Ask on the terminal until the answer is a trial of the front or a way to pick one."""
     numbers = {str(trial.number) for trial in front}
     while True:
@@ -446,9 +533,13 @@ def ask_selection(front) -> str:
             or "knee"
         )
         if answer in numbers:
-            return f"trial:{answer}"
-        if is_selection(answer) and not answer.startswith("trial:"):
-            return answer
+            return Selection("trial", int(answer))
+        try:
+            selection = Selection.parse(answer)
+        except ValueError:
+            selection = None
+        if selection is not None and selection.rule != "trial":
+            return selection
         print(f"not one of the trials above: {answer}")
 
 
@@ -525,7 +616,7 @@ def _progress(console: Console) -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        TimeRemainingColumn(),
+        StudyTimeRemaining(),
         console=console,
         transient=False,
     )

@@ -12,6 +12,7 @@ import difflib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -85,6 +86,12 @@ class Settings(BaseSettings):
         None, description="Jinja chat template file, for tokenizers without one"
     )
     system_prompt: str | None = Field(None, description="system message put before every prompt")
+    enable_thinking: bool | None = Field(
+        None,
+        description="reasoning models: passed to chat templates that take it (false: answer without "
+        "a thinking block); default: the template's own. Thinking blocks never count as refusals",
+        json_schema_extra={"metavar": "true|false"},
+    )
 
     # -- prompts ----------------------------------------------------------------------------
     harmful_train: PromptSet = PromptSet(**PROMPT_SET_DEFAULTS["harmful_train"])
@@ -194,6 +201,11 @@ class Settings(BaseSettings):
                     data[name] = {**default, **data[name]}
         return data
 
+    @property
+    def selection(self) -> Selection | None:
+        """`--select`, parsed (None: ask on a terminal, else the knee)."""
+        return None if self.select is None else Selection.parse(self.select)
+
     @model_validator(mode="after")
     def _no_option_without_effect(self) -> Settings:
         if self.gpus is not None and self.workers == 1:
@@ -246,9 +258,7 @@ class Settings(BaseSettings):
     @field_validator("select")
     @classmethod
     def _select_form(cls, value: str | None) -> str | None:
-        if value is None or is_selection(value):
-            return value
-        raise ValueError("use knee, min-refusals, min-kl, max-kl:X, trial:N or none")
+        return value if value is None else str(Selection.parse(value))
 
     @field_validator("refusal_markers")
     @classmethod
@@ -282,20 +292,46 @@ def parse_duration(text: str) -> float:
     return hours * 3600 + minutes * 60 + seconds
 
 
-def is_selection(text: str) -> bool:
-    """Whether `text` names a way to pick a trial: knee, min-refusals, min-kl, none, trial:N or
-    max-kl:X (the fewest refusals at KL <= X)."""
-    if text in ("knee", "min-refusals", "min-kl", "none"):
-        return True
-    kind, _, argument = text.partition(":")
-    if kind == "trial":
-        return argument.isdigit()
-    if kind == "max-kl":
-        try:
-            return float(argument) > 0
-        except ValueError:
-            return False
-    return False
+@dataclass(frozen=True)
+class Selection:
+    """One `--select` value: a rule, and for `max-kl:X` and `trial:N` its argument."""
+
+    rule: str
+    argument: float | int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Selection:
+        """`knee`, `min-refusals`, `min-kl`, `none`, `trial:N` or `max-kl:X` (X > 0); else ValueError."""
+        rule, colon, argument = text.strip().partition(":")
+        if rule in ("knee", "min-refusals", "min-kl", "none") and not colon:
+            return cls(rule)
+        if rule == "trial" and argument.isdigit():
+            return cls(rule, int(argument))
+        if rule == "max-kl":
+            try:
+                limit = float(argument)
+            except ValueError:
+                limit = 0.0
+            if limit > 0:
+                return cls(rule, limit)
+        raise ValueError("use knee, min-refusals, min-kl, max-kl:X, trial:N or none")
+
+    @property
+    def trial_number(self) -> int:
+        assert self.rule == "trial", self
+        return int(self.argument)
+
+    @property
+    def kl_limit(self) -> float:
+        assert self.rule == "max-kl", self
+        return float(self.argument)
+
+    def __str__(self) -> str:
+        if self.rule == "trial":
+            return f"trial:{self.argument}"
+        if self.rule == "max-kl":
+            return f"max-kl:{self.argument:g}"
+        return self.rule
 
 
 ENV_PREFIX = "ABLITERATE_"

@@ -1,4 +1,4 @@
-"""The Optuna study: objectives, storage, resume, and picking a trial.
+"""The Optuna study: the objective, running trials from any number of workers, and picking a trial.
 
 Each trial samples its parameters from the search space (`space.py`), edits the model, scores it
 on two objectives to minimise, refusals and KL divergence, and resets it. The storage is
@@ -9,32 +9,26 @@ same study and runs only the trials still missing.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import os
 import signal
 import socket
 import threading
 import time
-import warnings
 from collections.abc import Callable
-from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
 import torch
-from optuna.storages._rdb import models as optuna_tables
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.exc import DBAPIError
 
 from abliterate.errors import UserError
 from abliterate.evaluate import Evaluator, NumericalFault, Scores
 from abliterate.reset import Edit, Editor
 from abliterate.space import SearchSpace, edits_from_params
+from abliterate.storage import StudyData, fail_stale_trials
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # which process finished a trial, for the record
-# Heartbeats let Optuna mark the trial of a killed worker as failed instead of running forever.
-HEARTBEAT_SECONDS = 10
 MAX_CONSECUTIVE_FAILURES = 20
 # How studies begun before a scoring option existed were scored: what a resume compares against.
 SCORING_BEFORE_OPTIONS = {"--direction": "mean-difference"}
@@ -152,68 +146,6 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-# -- storage -------------------------------------------------------------------------------------
-
-
-class HeartbeatStorage(optuna.storages.RDBStorage):
-    """Optuna's SQL storage, which also fails trials whose worker died before their first heartbeat.
-
-    Optuna creates a trial, then starts the thread that beats for it. A worker killed between the
-    two leaves a running trial with no heartbeat at all, which Optuna never counts as stale: the
-    other workers would wait for its slot forever. Such a trial, once older than the grace period,
-    is stale too (a live worker beats within moments of creating its trial).
-    """
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        stale = super()._get_stale_trial_ids(study_id)
-        # Optuna's grace period, as Optuna reads it.
-        grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
-        # datetime_start reads as local time, stamped by the worker that created the trial.
-        cutoff = datetime.now() - timedelta(seconds=grace)
-        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        old = [trial._trial_id for trial in running if trial.datetime_start and trial.datetime_start < cutoff]
-        if not old:
-            return stale
-        heartbeat = optuna_tables.TrialHeartbeatModel
-        with self.scoped_session() as session:
-            beating = {
-                row.trial_id for row in session.query(heartbeat.trial_id).filter(heartbeat.trial_id.in_(old))
-            }
-        return stale + [trial_id for trial_id in old if trial_id not in beating]
-
-
-def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
-    """An Optuna storage from a URL; `journal:PATH` gives a file journal safe for several processes."""
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
-
-        path = Path(url[len("journal:") :])
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-        except OSError as error:
-            raise UserError(f"cannot open storage {url!r}: {error.strerror or error}") from None
-    for attempt in itertools.count(1):
-        try:
-            return HeartbeatStorage(
-                url,
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=3 * HEARTBEAT_SECONDS,
-                # SQLite serializes writers with a lock: let several local workers wait for it.
-                engine_kwargs={"connect_args": {"timeout": 60}}
-                if url.startswith("sqlite")
-                else {"pool_pre_ping": True},
-            )
-        except DBAPIError as error:
-            # Workers starting together race to create the schema ("duplicate key", "relation already
-            # exists"): the loser finds it made on retry. A lasting fault (no server) is reported.
-            if attempt == attempts:
-                raise UserError(f"cannot open storage {url!r}: {str(error).splitlines()[0]}") from None
-            time.sleep(0.5 * attempt)
-        except Exception as error:  # a malformed URL or a missing driver: retrying cannot help
-            raise UserError(f"cannot open storage {url!r}: {str(error).splitlines()[0]}") from None
-
-
 class TrialSeededSampler(optuna.samplers.TPESampler):
     """TPE whose random draws for each trial are seeded by the study's seed and the trial's number,
     and whose first trials take the study's planned warm starts (`plan_warm_starts`).
@@ -297,9 +229,11 @@ def plan_warm_starts(study: optuna.Study, starts: list[dict]) -> None:
     A study that has trials already, or a plan, keeps what it has: a resumed study, or a second
     worker, follows the plan the study was begun with.
     """
-    if starts and not study.get_trials(deepcopy=False) and "warm_starts" not in study.user_attrs:
-        study.set_user_attr("warm_starts", starts)
-    study.sampler.warm_starts = study.user_attrs.get("warm_starts", [])
+    data = StudyData(study)
+    planned = data.warm_starts
+    if starts and planned is None and not study.get_trials(deepcopy=False):
+        data.warm_starts = planned = starts
+    study.sampler.warm_starts = planned or []
 
 
 def _same_source(first: str, second: str) -> bool:
@@ -382,33 +316,6 @@ def run_study(
         )
 
 
-def fail_stale_trials(study: optuna.Study) -> None:
-    """Mark the running trials of dead workers as failed, so that their slots are run again.
-
-    Storages with heartbeats find dead workers anywhere; for every storage, a trial started by a
-    process of this machine that no longer exists is failed at once (the journal storage has no
-    heartbeat, and a killed run would otherwise wait for its own orphan forever on restart).
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # does nothing for storages without heartbeats
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if host == socket.gethostname() and pid.isdigit() and not _process_exists(int(pid)):
-            with contextlib.suppress(RuntimeError, ValueError):  # another worker failed it first
-                study.tell(trial.number, state=TrialState.FAIL)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, but another user's
-        return True
-    return True
-
-
 class _Interrupt:
     """Ctrl-C that never lands inside a storage write.
 
@@ -466,70 +373,3 @@ class _ConsecutiveFailures:
                 study.stop()
         else:
             self.count = 0
-
-
-# -- choosing a result ---------------------------------------------------------------------------
-
-
-def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
-    return sorted(study.best_trials, key=lambda trial: (trial.values[0], trial.values[1]))
-
-
-def select_trial(study: optuna.Study, how: str) -> FrozenTrial | None:
-    """knee, min-refusals, min-kl, max-kl:X (fewest refusals at KL <= X), trial:N or none."""
-    if how == "none":
-        return None
-    if how.startswith("trial:"):
-        number = int(how[len("trial:") :])
-        finished = finished_trials(study)
-        matches = [trial for trial in finished if trial.number == number]
-        if not matches:
-            front = ", ".join(str(trial.number) for trial in pareto_front(study)) or "none"
-            raise UserError(
-                f"--select {how}: the study has no finished trial {number} "
-                f"({len(finished)} finished; on the Pareto front: {front})"
-            )
-        return matches[0]
-    front = pareto_front(study)
-    if not front:
-        raise UserError("the study has no finished trial to select")
-    if how == "min-refusals":
-        return min(front, key=lambda trial: (trial.values[0], trial.values[1]))
-    if how == "min-kl":
-        return min(front, key=lambda trial: (trial.values[1], trial.values[0]))
-    if how.startswith("max-kl:"):
-        limit = float(how[len("max-kl:") :])
-        within = [trial for trial in front if trial.values[1] <= limit]
-        if not within:
-            lowest = min(trial.values[1] for trial in front)
-            raise UserError(
-                f"--select {how}: no finished trial has KL <= {limit:g} (the lowest is {lowest:.4f}); raise the limit"
-            )
-        return min(within, key=lambda trial: (trial.values[0], trial.values[1]))
-    return knee(front)
-
-
-def knee(front: list[FrozenTrial]) -> FrozenTrial:
-    """The front's knee: the trial farthest below the line joining its two ends (Kneedle).
-
-    Both objectives are scaled to [0, 1] over the front, so the ends sit at (0, 1) and (1, 0) and
-    the distance below the line between them grows with 1 - refusals - KL: the knee is where one
-    more refusal removed starts to cost more KL than the front's average trade. Ties go to fewer
-    refusals. (The point nearest the ideal corner would favour balance, and on a front whose
-    low-KL end still refuses most prompts it stops half-way.)
-    """
-    refusals = [trial.values[0] for trial in front]
-    kls = [trial.values[1] for trial in front]
-
-    def scaled(value: float, values: list[float]) -> float:
-        low, high = min(values), max(values)
-        return 0.0 if high == low else (value - low) / (high - low)
-
-    return min(
-        front,
-        key=lambda trial: (
-            # Rounded: trials equally far from the line must tie, not differ in the last bit.
-            round(scaled(trial.values[0], refusals) + scaled(trial.values[1], kls), 9),
-            trial.values[0],
-        ),
-    )

@@ -1,7 +1,7 @@
 """Several workers on one machine: one process per GPU, all sharing one study.
 
-Each worker is an ordinary study process (`pipeline.prepare` + `pipeline.search`) with its own
-copy of the model on its own GPU. They coordinate only through the Optuna storage, exactly as
+Each worker is an ordinary study process (`worker_process.py`: `pipeline.prepare` +
+`pipeline.search`) with its own copy of the model on its own GPU. They coordinate only through the Optuna storage, exactly as
 workers on other machines started with the same `--storage` and `--study-name` do. The first
 worker computes the refusal directions and stores them in the study; the others start once they
 are there, so every worker uses the same directions.
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import optuna
 import torch
-from rich.console import Console
 
 from abliterate.errors import UserError
 from abliterate.settings import Settings
+from abliterate.storage import StudyData, open_storage
 
 SETTINGS_VARIABLE = "ABLITERATE_WORKER_SETTINGS"
 NAME_VARIABLE = "ABLITERATE_WORKER_NAME"
@@ -50,7 +50,9 @@ def launch(
             environment[NAME_VARIABLE] = f"worker {index}" + (f" (GPU {devices[index]})" if devices else "")
             if devices:
                 environment["CUDA_VISIBLE_DEVICES"] = devices[index]
-            processes.append(subprocess.Popen([sys.executable, "-m", "abliterate.workers"], env=environment))
+            processes.append(
+                subprocess.Popen([sys.executable, "-m", "abliterate.worker_process"], env=environment)
+            )
             if index == 0:
                 _wait_for_directions(processes[0], storage_url, study_name, poll_seconds)
         codes = [process.wait() for process in processes]
@@ -89,52 +91,14 @@ def _wait_for_directions(
     first: subprocess.Popen, storage_url: str, study_name: str, poll_seconds: float
 ) -> None:
     """Hold the other workers back until the first has stored the directions (or has failed)."""
-    from abliterate.study import open_storage
-
     storage = open_storage(storage_url)
     while first.poll() is None:
         try:
             study = optuna.load_study(study_name=study_name, storage=storage)
-            if "directions" in study.user_attrs and "baseline_refusals" in study.user_attrs:
+            if StudyData(study).directions is not None and "baseline_refusals" in study.user_attrs:
                 return
         except KeyError:  # the study does not exist yet
             pass
         time.sleep(poll_seconds)
     if first.returncode != 0:
         raise UserError(f"the first worker stopped with exit code {first.returncode}; see its messages above")
-
-
-def main() -> int:
-    """Entry point of one worker process (started by `launch`)."""
-    from abliterate.pipeline import prepare, quiet_libraries, search
-
-    settings = Settings.model_validate_json(os.environ[SETTINGS_VARIABLE])
-    name = os.environ.get(NAME_VARIABLE, "worker")
-    console = LabelledConsole(f"{name}: ")
-    quiet_libraries()
-    try:
-        session = prepare(settings, console)
-        search(session, console)
-    except UserError as error:
-        print(f"abliterate: {name}: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        return 130
-    return 0
-
-
-class LabelledConsole(Console):
-    """Several workers share one terminal: every line a worker prints starts with its name."""
-
-    def __init__(self, label: str):
-        super().__init__(stderr=True, soft_wrap=True, highlight=False)
-        self.label = label
-
-    def print(self, *objects, **options) -> None:
-        if objects and isinstance(objects[0], str):
-            objects = (self.label + objects[0], *objects[1:])
-        super().print(*objects, **options)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""`abliterate evaluate`: score any model against its original, exactly as a study scores a trial.
+
+The same prompt sets, refusal markers, system prompt, response length and KL (of the first
+response token on the harmless eval prompts, against the original's) as a study with the same
+settings: so a saved model, another tool's abliteration and the original can be compared on one
+scale. The original is scored first and freed before the model loads: one model in memory at a time.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from abliterate.errors import UserError
+from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers
+from abliterate.model import load_chat_model, model_name
+from abliterate.prompts import load_prompts
+from abliterate.settings import Settings
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's scores beside its original's, with what they were measured on."""
+
+    model: str
+    original: str
+    eval_prompts: int
+    refusals: int
+    original_refusals: int
+    kl: float
+    harmless_prompts: int
+    max_response_length: int
+    system_prompt: str | None
+
+
+def evaluate_model(settings: Settings, original: str, console: Console) -> Evaluation:
+    """Refusals of `settings.model` and of `original` on the harmful eval prompts, and the KL
+    between them on the harmless ones."""
+    if settings.model is None:
+        raise UserError("abliterate evaluate needs --model: the model to score (a folder or hub id)")
+    harmful = load_prompts(settings.harmful_eval, "--harmful-eval")
+    harmless = load_prompts(settings.harmless_eval, "--harmless-eval")
+    console.print(f"loading the original, {original}")
+    reference = _load(original, settings)
+    detector = RefusalDetector(
+        settings.refusal_markers or default_refusal_markers(),
+        reference.thinking_markers,
+        reference.prompt_opens_thinking,
+    )
+    batch_size = settings.batch_size or reference.auto_batch_size(
+        max(len(reference.tokenizer(reference.format(p)).input_ids) for p in harmful),
+        settings.max_response_length,
+    )
+    # Both models read the prompts as the original's tokenizer and template write them, as in a study.
+    evaluator = Evaluator(reference, harmful, harmless, detector, batch_size, settings.max_response_length)
+    original_refusals = evaluator.count_refusals()
+    vocabulary = reference.tokenizer.get_vocab()
+    evaluator.model = reference = None
+    _free_memory()
+
+    console.print(f"loading {settings.model}")
+    candidate = _load(settings.model, settings)
+    if candidate.tokenizer.get_vocab() != vocabulary:
+        raise UserError(
+            f"{settings.model} and {original} have different vocabularies: KL compares next-token "
+            "distributions over one vocabulary; give the model this one was made from as --original"
+        )
+    evaluator.model = candidate
+    kl = evaluator.kl()
+    refusals = evaluator.count_refusals()
+    return Evaluation(
+        model=settings.model,
+        original=original,
+        eval_prompts=len(harmful),
+        refusals=refusals,
+        original_refusals=original_refusals,
+        kl=kl,
+        harmless_prompts=len(harmless),
+        max_response_length=settings.max_response_length,
+        system_prompt=settings.system_prompt,
+    )
+
+
+def _load(source: str, settings: Settings):
+    return load_chat_model(
+        source,
+        dtypes=settings.dtypes,
+        device_map=settings.device_map,
+        quantization=settings.quantization,
+        trust_remote_code=settings.trust_remote_code,
+        chat_template=settings.chat_template,
+        system_prompt=settings.system_prompt,
+        enable_thinking=settings.enable_thinking,
+    )
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def evaluation_table(evaluation: Evaluation) -> Table:
+    table = Table(
+        title=f"refusals on {evaluation.eval_prompts} harmful prompts, KL on {evaluation.harmless_prompts} harmless"
+    )
+    for column in ("model", "refusals", "KL"):
+        table.add_column(column, justify="right" if column != "model" else "left")
+    table.add_row(
+        f"{evaluation.original} (original)", f"{evaluation.original_refusals}/{evaluation.eval_prompts}", "0"
+    )
+    table.add_row(
+        evaluation.model, f"{evaluation.refusals}/{evaluation.eval_prompts}", f"{evaluation.kl:.4f}"
+    )
+    return table
+
+
+def default_json_path(model: str) -> Path:
+    return Path(f"evaluation-{model_name(model)}.json")
+
+
+def write_json(evaluation: Evaluation, path: Path) -> None:
+    """Write the evaluation atomically: a file that exists is whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".partial", delete=False) as handle:
+        json.dump(asdict(evaluation), handle, indent=1)
+        handle.write("\n")
+    os.replace(handle.name, path)

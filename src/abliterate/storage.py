@@ -1,0 +1,165 @@
+"""Where a study lives: Optuna storages made safe for several workers, and what a study stores.
+
+A study stores two kinds of things beside its trials. Facts a person reads are user attributes,
+which `optuna studies` and optuna-dashboard show: the model, the eval prompt count, the original
+model's refusals and the scoring pins (`study.pin_scoring`). Data only the tool reads, the refusal
+direction basis (tens of kilobytes) and the warm-start plan, are system attributes, which those
+listings leave out; `StudyData` names every key in one place.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import itertools
+import os
+import socket
+import time
+import warnings
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.storages._rdb import models as optuna_tables
+from optuna.trial import TrialState
+from sqlalchemy.exc import DBAPIError
+
+from abliterate.errors import UserError
+
+# Heartbeats let Optuna mark the trial of a killed worker as failed instead of running forever.
+HEARTBEAT_SECONDS = 10
+
+
+class StudyData:
+    """The study's stored data, read and written through its storage (one key each).
+
+    Studies begun before this layout kept the directions and the plan as user attributes: those
+    are still read, so old studies resume.
+    """
+
+    DIRECTIONS = "abliterate:directions"
+    WARM_STARTS = "abliterate:warm_starts"
+
+    def __init__(self, study: optuna.Study):
+        # Optuna's Study has no public system-attribute API; its storage has (BaseStorage).
+        self._storage = study._storage
+        self._study_id = study._study_id
+        self._study = study
+
+    def _get(self, key: str, legacy_user_attr: str):
+        stored = self._storage.get_study_system_attrs(self._study_id)
+        if key in stored:
+            return stored[key]
+        return self._study.user_attrs.get(legacy_user_attr)
+
+    def _set(self, key: str, value) -> None:
+        self._storage.set_study_system_attr(self._study_id, key, value)
+
+    @property
+    def directions(self) -> torch.Tensor | None:
+        stored = self._get(self.DIRECTIONS, "directions")
+        if stored is None:
+            return None
+        raw = bytearray(base64.b64decode(stored["float32_base64"]))
+        return torch.frombuffer(raw, dtype=torch.float32).reshape(stored["shape"])
+
+    @directions.setter
+    def directions(self, basis: torch.Tensor) -> None:
+        values = basis.detach().to(torch.float32).contiguous().cpu()
+        encoded = base64.b64encode(values.numpy().tobytes()).decode("ascii")
+        self._set(self.DIRECTIONS, {"shape": list(values.shape), "float32_base64": encoded})
+
+    @property
+    def warm_starts(self) -> list[dict] | None:
+        return self._get(self.WARM_STARTS, "warm_starts")
+
+    @warm_starts.setter
+    def warm_starts(self, starts: list[dict]) -> None:
+        self._set(self.WARM_STARTS, starts)
+
+
+class HeartbeatStorage(optuna.storages.RDBStorage):
+    """Optuna's SQL storage, which also fails trials whose worker died before their first heartbeat.
+
+    Optuna creates a trial, then starts the thread that beats for it. A worker killed between the
+    two leaves a running trial with no heartbeat at all, which Optuna never counts as stale: the
+    other workers would wait for its slot forever. Such a trial, once older than the grace period,
+    is stale too (a live worker beats within moments of creating its trial).
+    """
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        # Optuna's grace period, as Optuna reads it.
+        grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
+        # datetime_start reads as local time, stamped by the worker that created the trial.
+        cutoff = datetime.now() - timedelta(seconds=grace)
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        old = [trial._trial_id for trial in running if trial.datetime_start and trial.datetime_start < cutoff]
+        if not old:
+            return stale
+        heartbeat = optuna_tables.TrialHeartbeatModel
+        with self.scoped_session() as session:
+            beating = {
+                row.trial_id for row in session.query(heartbeat.trial_id).filter(heartbeat.trial_id.in_(old))
+            }
+        return stale + [trial_id for trial_id in old if trial_id not in beating]
+
+
+def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
+    """An Optuna storage from a URL; `journal:PATH` gives a file journal safe for several processes."""
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url[len("journal:") :])
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except OSError as error:
+            raise UserError(f"cannot open storage {url!r}: {error.strerror or error}") from None
+    for attempt in itertools.count(1):
+        try:
+            return HeartbeatStorage(
+                url,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=3 * HEARTBEAT_SECONDS,
+                # SQLite serializes writers with a lock: let several local workers wait for it.
+                engine_kwargs={"connect_args": {"timeout": 60}}
+                if url.startswith("sqlite")
+                else {"pool_pre_ping": True},
+            )
+        except DBAPIError as error:
+            # Workers starting together race to create the schema ("duplicate key", "relation already
+            # exists"): the loser finds it made on retry. A lasting fault (no server) is reported.
+            if attempt == attempts:
+                raise UserError(f"cannot open storage {url!r}: {str(error).splitlines()[0]}") from None
+            time.sleep(0.5 * attempt)
+        except Exception as error:  # a malformed URL or a missing driver: retrying cannot help
+            raise UserError(f"cannot open storage {url!r}: {str(error).splitlines()[0]}") from None
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Mark the running trials of dead workers as failed, so that their slots are run again.
+
+    Storages with heartbeats find dead workers anywhere; for every storage, a trial started by a
+    process of this machine that no longer exists is failed at once (the journal storage has no
+    heartbeat, and a killed run would otherwise wait for its own orphan forever on restart).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # does nothing for storages without heartbeats
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if host == socket.gethostname() and pid.isdigit() and not _process_exists(int(pid)):
+            with contextlib.suppress(RuntimeError, ValueError):  # another worker failed it first
+                study.tell(trial.number, state=TrialState.FAIL)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True

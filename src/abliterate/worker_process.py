@@ -1,0 +1,50 @@
+"""One worker process of `--workers N`: prepare the study, run trials, stop (see `workers.py`).
+
+The launcher (`workers.launch`) passes the settings and the worker's name in the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from rich.console import Console
+
+from abliterate.errors import UserError
+from abliterate.pipeline import prepare, quiet_libraries, search
+from abliterate.settings import Settings
+from abliterate.workers import NAME_VARIABLE, SETTINGS_VARIABLE
+
+
+def main() -> int:
+    """Entry point of one worker process (started by `workers.launch`)."""
+    settings = Settings.model_validate_json(os.environ[SETTINGS_VARIABLE])
+    name = os.environ.get(NAME_VARIABLE, "worker")
+    console = LabelledConsole(f"{name}: ")
+    quiet_libraries()
+    try:
+        session = prepare(settings, console)
+        search(session, console)
+    except UserError as error:
+        print(f"abliterate: {name}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+class LabelledConsole(Console):
+    """Several workers share one terminal: every line a worker prints starts with its name."""
+
+    def __init__(self, label: str):
+        super().__init__(stderr=True, soft_wrap=True, highlight=False)
+        self.label = label
+
+    def print(self, *objects, **options) -> None:
+        if objects and isinstance(objects[0], str):
+            objects = (self.label + objects[0], *objects[1:])
+        super().print(*objects, **options)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
