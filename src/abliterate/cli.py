@@ -52,7 +52,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(command: str = "study") -> argparse.ArgumentParser:
-    """The flags of a study (`abliterate ...`) or of `abliterate evaluate ...`."""
+    """The flags of a study (`abliterate ...`), of `abliterate evaluate ...` or `abliterate chat DIR`."""
+    if command == "chat":
+        parser = _Parser(
+            prog="abliterate chat",
+            description="Chat with a saved model folder (or any model); replies stream. /original answers "
+            "with the model it was made from, /reset clears the history.",
+        )
+        parser.add_argument("folder", help="the saved model (output/model), or any folder or hub id")
+        parser.add_argument(
+            "--original", help="the source model for /original (default: the one abliterate.json names)"
+        )
+        parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (default: 256)")
+        loading = tuple(name for name in HELP_GROUPS["model"] if name != "model")
+        _add_settings(parser, {"model": loading, "other": ("debug",)})
+        return parser
     if command == "evaluate":
         parser = _Parser(
             prog="abliterate evaluate",
@@ -152,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["evaluate"]:
             return evaluate(argv[1:])
+        if argv[:1] == ["chat"]:
+            return chat(argv[1:])
         settings = parse_settings(argv)
         debug = debug or settings.debug  # `debug = true` in the config file
         from abliterate.pipeline import run  # heavy imports (torch, transformers) only once flags are valid
@@ -187,4 +203,36 @@ def evaluate(argv: list[str]) -> int:
     write_json(evaluation, json_path)
     Console(highlight=False).print(evaluation_table(evaluation))
     print(f"written to {json_path}")
+    return 0
+
+
+def chat(argv: list[str]) -> int:
+    """`abliterate chat DIR`: talk to a saved model without a study (nothing is scored or written)."""
+    arguments = vars(build_parser("chat").parse_args(argv))
+    folder, original, max_new_tokens = (
+        arguments.pop(key) for key in ("folder", "original", "max_new_tokens")
+    )
+    settings = settings_from({**arguments, "model": folder})
+    from rich.console import Console
+
+    from abliterate.chat import Chat, chat_loop
+    from abliterate.compare import load_for_scoring
+    from abliterate.export import source_of_saved_model
+    from abliterate.pipeline import quiet_libraries
+
+    quiet_libraries()
+    console = Console(highlight=False)
+    original = original or source_of_saved_model(Path(folder))
+    loaded: dict = {}
+
+    def load(source: str | None):
+        def ready():
+            if source not in loaded:
+                console.print(f"loading {source or 'the built-in demo model'}")
+                loaded[source] = load_for_scoring(source, settings)
+            return loaded[source]
+
+        return ready
+
+    chat_loop(Chat(load(folder), load(original) if original else None, console, max_new_tokens))
     return 0

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from abliterate.errors import UserError
 from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers
-from abliterate.model import load_chat_model, model_name
+from abliterate.model import ChatModel, load_chat_model, model_name
 from abliterate.prompts import load_prompts
 from abliterate.settings import Settings
 
@@ -49,7 +49,7 @@ def evaluate_model(settings: Settings, original: str, console: Console) -> Evalu
     harmful = load_prompts(settings.harmful_eval, "--harmful-eval")
     harmless = load_prompts(settings.harmless_eval, "--harmless-eval")
     console.print(f"loading the original, {original}")
-    reference = _load(original, settings)
+    reference = load_for_scoring(original, settings)
     detector = RefusalDetector(
         settings.refusal_markers or default_refusal_markers(),
         reference.thinking_markers,
@@ -67,7 +67,7 @@ def evaluate_model(settings: Settings, original: str, console: Console) -> Evalu
     _free_memory()
 
     console.print(f"loading {settings.model}")
-    candidate = _load(settings.model, settings)
+    candidate = load_for_scoring(settings.model, settings)
     if candidate.tokenizer.get_vocab() != vocabulary:
         raise UserError(
             f"{settings.model} and {original} have different vocabularies: KL compares next-token "
@@ -89,7 +89,8 @@ def evaluate_model(settings: Settings, original: str, console: Console) -> Evalu
     )
 
 
-def _load(source: str, settings: Settings):
+def load_for_scoring(source: str | None, settings: Settings) -> ChatModel:
+    """A model loaded as `settings` say (dtypes, devices, template, system prompt, thinking)."""
     return load_chat_model(
         source,
         dtypes=settings.dtypes,

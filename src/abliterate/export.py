@@ -24,11 +24,20 @@ from abliterate.ablation import ablate_
 from abliterate.checkpoint import checkpoint_part, key_files, locate
 from abliterate.components import EditableModel, Matrix
 from abliterate.errors import UserError
-from abliterate.model import hub_offline
+from abliterate.model import DEMO_MODEL_NAME, demo_model_path, hub_offline
 from abliterate.reset import Edit
 
 MARKER = ".abliterate"
 MODEL_FOLDER = "model"
+
+
+def source_of_saved_model(folder: Path) -> str | None:
+    """The model a saved result was made from (its abliterate.json); None for any other folder."""
+    try:
+        source = json.loads((folder / "abliterate.json").read_text("utf-8")).get("source_model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(demo_model_path()) if source == DEMO_MODEL_NAME else source
 
 
 def prepare_output(output: Path, source_folder: Path | None) -> None:

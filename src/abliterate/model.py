@@ -12,7 +12,8 @@ import functools
 import importlib.util
 import json
 import os
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -202,6 +203,19 @@ class ChatModel:
             stopping_criteria=criteria,
         )
         return self.decode(output[:, prompt_length:])
+
+    def stream(self, batch: Batch, max_new_tokens: int) -> Iterator[str]:
+        """One greedy response, as text pieces while they are generated (generation runs in a thread)."""
+        streamer = transformers.TextIteratorStreamer(
+            self.tokenizer, skip_prompt=True, skip_special_tokens=True
+        )
+        options = {**batch, "generation_config": self._greedy_config(max_new_tokens), "streamer": streamer}
+        worker = threading.Thread(
+            target=torch.inference_mode()(self.model.generate), kwargs=options, daemon=True
+        )
+        worker.start()
+        yield from streamer
+        worker.join()
 
     def _greedy_config(self, max_new_tokens: int) -> transformers.GenerationConfig:
         config = transformers.GenerationConfig(

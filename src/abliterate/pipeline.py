@@ -36,6 +36,7 @@ from rich.table import Table
 from rich.text import Text
 
 from abliterate import workers
+from abliterate.chat import Chat, chat_loop
 from abliterate.checkpoint import safetensors_files
 from abliterate.components import EditableModel, find_components
 from abliterate.directions import capture_residuals, refusal_directions
@@ -145,9 +146,17 @@ def _run_in(output: Path, settings: Settings, console: Console, command: str | N
     if settings.push_to_hub:
         console.print(f"uploaded to {upload(saved, settings.push_to_hub, settings.hub_private)}")
     if settings.chat:
-        apply_trial(session, trial)
         session.model.compiled_generation = False  # every turn has a new length: each would recompile
-        chat(session.model, console)
+
+        def edited() -> ChatModel:
+            apply_trial(session, trial)
+            return session.model
+
+        def original() -> ChatModel:  # the same weights, back as they were: no second model in memory
+            session.editor.reset()
+            return session.model
+
+        chat_loop(Chat(edited, original, Console(highlight=False)))  # replies on stdout
     return saved
 
 
@@ -590,24 +599,6 @@ def _export_merged(session: Session, trial, card: ModelCard) -> Path:
     for edit in edits:
         apply_edit(editable, edit, row_norm)
     return save_model(full, session.model.tokenizer_to_save, session.output, card)
-
-
-def chat(model: ChatModel, console: Console) -> None:
-    console.print("chat with the result; an empty line or Ctrl-D ends it")
-    history: list[dict] = []
-    while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            break
-        if not line:
-            break
-        history.append({"role": "user", "content": line})
-        text = model.format_conversation(history)
-        batch = model.tokenizer([text], return_tensors="pt", add_special_tokens=False).to(model.input_device)
-        reply = model.generate(dict(batch), max_new_tokens=256)[0].strip()
-        history.append({"role": "assistant", "content": reply})
-        print(reply, flush=True)
 
 
 def _progress(console: Console) -> Progress:

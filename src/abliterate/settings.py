@@ -212,6 +212,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 "--gpus picks the GPUs of --workers N (N > 1); for one run use --device-map cuda:K"
             )
+        if self.chat and self.select == "none":
+            raise ValueError("--chat talks to the saved model, but --select none saves none; pick a trial")
         if self.push_to_hub and self.select == "none":
             raise ValueError(
                 "--push-to-hub uploads the saved model, but --select none saves none; pick a trial"
