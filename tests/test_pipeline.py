@@ -17,8 +17,8 @@ from conftest import save_tiny_model, tiny_model, tiny_tokenizer
 from abliterate.cli import main
 from abliterate.export import ModelCard, clean_partials
 from abliterate.model import ChatModel, left_pad, load_chat_model
-from abliterate.pipeline import ask_selection, direction_cell
 from abliterate.settings import Selection
+from abliterate.terminal import ask_selection, direction_cell
 
 FAST = [
     "--harmful-train-split", "train[:8]", "--harmless-train-split", "train[:8]",
@@ -470,7 +470,7 @@ def test_time_left_comes_from_the_studys_mean_trial_time():
 
     from rich.progress import Progress
 
-    from abliterate.pipeline import StudyTimeRemaining, mean_trial_seconds
+    from abliterate.terminal import StudyTimeRemaining, mean_trial_seconds
 
     trials = [optuna.trial.create_trial(values=[1, 0.1], params={}, distributions={}) for _ in range(2)]
     for trial, seconds in zip(trials, (30, 50), strict=True):

@@ -53,6 +53,15 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(command: str = "study") -> argparse.ArgumentParser:
     """The flags of a study (`abliterate ...`), of `abliterate evaluate ...` or `abliterate chat DIR`."""
+    if command == "report":
+        parser = _Parser(
+            prog="abliterate report",
+            description="Rebuild report.html and pareto.png of a study's output folder from the study.",
+        )
+        parser.add_argument("--output", type=Path, required=True, help="the study's output folder")
+        parser.add_argument("--storage", help="the study's storage URL (default: the folder's study.db)")
+        parser.add_argument("--study-name", help="the study's name (default: the storage's only study)")
+        return parser
     if command == "chat":
         parser = _Parser(
             prog="abliterate chat",
@@ -168,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate(argv[1:])
         if argv[:1] == ["chat"]:
             return chat(argv[1:])
+        if argv[:1] == ["report"]:
+            return report(argv[1:])
         settings = parse_settings(argv)
         debug = debug or settings.debug  # `debug = true` in the config file
         from abliterate.pipeline import run  # heavy imports (torch, transformers) only once flags are valid
@@ -235,4 +246,33 @@ def chat(argv: list[str]) -> int:
         return ready
 
     chat_loop(Chat(load(folder), load(original) if original else None, console, max_new_tokens))
+    return 0
+
+
+def report(argv: list[str]) -> int:
+    """`abliterate report --output DIR`: report.html and pareto.png again, from the study alone."""
+    arguments = build_parser("report").parse_args(argv)
+    output: Path = arguments.output
+    if not output.is_dir():
+        raise UserError(f"--output {output} is not a folder; give the output folder of a study")
+    storage = arguments.storage or f"sqlite:///{(output / 'study.db').resolve()}"
+    if arguments.storage is None and not (output / "study.db").is_file():
+        raise UserError(f"{output} holds no study.db; give the study's --storage and --study-name")
+    import optuna
+
+    from abliterate.export import saved_trial_number
+    from abliterate.report import load_samples, write_report
+    from abliterate.select import finished_trial
+    from abliterate.storage import open_storage
+
+    opened = open_storage(storage)
+    names = [summary.study_name for summary in optuna.get_all_study_summaries(opened)]
+    name = arguments.study_name or (names[0] if len(names) == 1 else None)
+    if name not in names:
+        raise UserError(f"choose the study with --study-name: {', '.join(names) or 'the storage holds none'}")
+    study = optuna.load_study(study_name=name, storage=opened)
+    number = saved_trial_number(output / "model")
+    saved = finished_trial(study, number) if number is not None else None
+    written = write_report(study, output, saved, load_samples(output) if saved is not None else [])
+    print(f"report: {' and '.join(str(path) for path in reversed(written))}")
     return 0

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from rich.table import Table
 
 from abliterate.errors import UserError
 from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers
+from abliterate.export import write_file_atomically
 from abliterate.model import ChatModel, load_chat_model, model_name
 from abliterate.prompts import load_prompts
 from abliterate.settings import Settings
@@ -130,8 +129,4 @@ def default_json_path(model: str) -> Path:
 
 def write_json(evaluation: Evaluation, path: Path) -> None:
     """Write the evaluation atomically: a file that exists is whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".partial", delete=False) as handle:
-        json.dump(asdict(evaluation), handle, indent=1)
-        handle.write("\n")
-    os.replace(handle.name, path)
+    write_file_atomically(path, (json.dumps(asdict(evaluation), indent=1) + "\n").encode())

@@ -96,6 +96,8 @@ class Evaluator:
         max_response_length: int,
     ):
         self.model = model
+        self.harmful_prompts = list(harmful_prompts)
+        self.harmless_prompts = list(harmless_prompts)
         self.detector = detector
         self.max_response_length = max_response_length
         self.harmful_batches = model.encode(

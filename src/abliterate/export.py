@@ -31,13 +31,25 @@ MARKER = ".abliterate"
 MODEL_FOLDER = "model"
 
 
-def source_of_saved_model(folder: Path) -> str | None:
-    """The model a saved result was made from (its abliterate.json); None for any other folder."""
+def saved_metadata(folder: Path) -> dict:
+    """A saved result's abliterate.json (source model, trial, parameters, scores); {} for another folder."""
     try:
-        source = json.loads((folder / "abliterate.json").read_text("utf-8")).get("source_model")
-    except (OSError, ValueError, AttributeError):
-        return None
+        metadata = json.loads((folder / "abliterate.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def source_of_saved_model(folder: Path) -> str | None:
+    """The model a saved result was made from; None for any other folder."""
+    source = saved_metadata(folder).get("source_model")
     return str(demo_model_path()) if source == DEMO_MODEL_NAME else source
+
+
+def saved_trial_number(folder: Path) -> int | None:
+    """The trial a saved result holds; None when the folder holds none."""
+    trial = saved_metadata(folder).get("trial")
+    return trial if isinstance(trial, int) else None
 
 
 def prepare_output(output: Path, source_folder: Path | None) -> None:
@@ -224,6 +236,21 @@ def clean_partials(output: Path) -> None:
             os.replace(retired / MODEL_FOLDER, final)
     for leftover in output.glob(f".{MODEL_FOLDER}.*-*"):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """Write a whole file or none: a temporary file beside it, renamed over it, readable as any new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".partial", delete=False
+    ) as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(handle.name, 0o666 & ~umask)  # NamedTemporaryFile makes a private file
+    os.replace(handle.name, path)
 
 
 def _permissions_from_umask(folder: Path) -> None:

@@ -15,25 +15,13 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import optuna
 import torch
 import transformers
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
-from rich.text import Text
+from rich.markup import escape
 
 from abliterate import workers
 from abliterate.chat import Chat, chat_loop
@@ -61,10 +49,11 @@ from abliterate.model import (
     model_name,
 )
 from abliterate.prompts import load_prompts
+from abliterate.report import Sample, save_samples, write_report
 from abliterate.reset import AdapterEditor, Edit, Editor, apply_edit, choose_strategy, describe, make_editor
 from abliterate.select import finished_trial, pareto_front, select_trial
 from abliterate.settings import Selection, Settings
-from abliterate.space import SearchSpace, direction_scope_of, edits_from_params
+from abliterate.space import SearchSpace, edits_from_params
 from abliterate.storage import StudyData, fail_stale_trials, open_storage
 from abliterate.study import (
     Objective,
@@ -74,6 +63,13 @@ from abliterate.study import (
     plan_warm_starts,
     run_study,
     startup_trials,
+)
+from abliterate.terminal import (
+    ask_selection,
+    front_table,
+    mean_trial_seconds,
+    progress_bars,
+    report_failed_trials,
 )
 
 STUDY_FILE = "study.db"
@@ -140,9 +136,16 @@ def _run_in(output: Path, settings: Settings, console: Console, command: str | N
     trial, how = choose(session, console)
     if trial is None:
         console.print(f"--select none: no model saved; the study is kept in {storage_url}")
+        _report(session.study, output, None, [], console)
         return None
     saved = export(session, trial, command or shlex.join(["abliterate", *sys.argv[1:]]))
     console.print(f"saved trial {trial.number}, chosen by --select {how}, to [bold]{saved}[/bold]")
+    samples = sample_answers(session, trial)
+    save_samples(samples, output)
+    for sample in samples[:3]:
+        console.print(f"\n[bold]{sample.kind} prompt[/bold]: {escape(sample.prompt)}")
+        console.print(f"  original: {escape(sample.original)}\n  saved:    {escape(sample.saved)}")
+    _report(session.study, output, trial, samples, console)
     if settings.push_to_hub:
         console.print(f"uploaded to {upload(saved, settings.push_to_hub, settings.hub_private)}")
     if settings.chat:
@@ -158,6 +161,48 @@ def _run_in(output: Path, settings: Settings, console: Console, command: str | N
 
         chat_loop(Chat(edited, original, Console(highlight=False)))  # replies on stdout
     return saved
+
+
+SAMPLE_PROMPTS = {"harmful": 2, "harmless": 1}
+SAMPLE_TOKENS = 96
+
+
+def sample_answers(session: Session, trial) -> list[Sample]:
+    """The first harmful and harmless eval prompts, answered by the original and by the saved trial."""
+    model, evaluator = session.model, session.evaluator
+    prompts = [
+        (kind, prompt)
+        for kind, count in SAMPLE_PROMPTS.items()
+        for prompt in (evaluator.harmful_prompts if kind == "harmful" else evaluator.harmless_prompts)[:count]
+    ]
+    compiled, model.compiled_generation = model.compiled_generation, False  # one-off lengths: no recompiles
+
+    def answers() -> list[str]:
+        batch = model.tokenizer(
+            [model.format(prompt) for _, prompt in prompts],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        ).to(model.input_device)
+        return [answer.strip() for answer in model.generate(dict(batch), SAMPLE_TOKENS)]
+
+    try:
+        session.editor.reset()
+        original = answers()
+        apply_trial(session, trial)
+        saved = answers()
+    finally:
+        session.editor.reset()
+        model.compiled_generation = compiled
+    return [
+        Sample(kind, prompt, before, after)
+        for (kind, prompt), before, after in zip(prompts, original, saved, strict=True)
+    ]
+
+
+def _report(study: optuna.Study, output: Path, trial, samples: list[Sample], console: Console) -> None:
+    written = write_report(study, output, trial, samples)
+    console.print(f"report: {' and '.join(str(path) for path in reversed(written))}")
 
 
 def _remove_if_unused(created: list[Path]) -> None:
@@ -354,7 +399,7 @@ def _directions(
     directions = stored.directions
     if directions is None:
         residuals = {}
-        with _progress(console) as progress:
+        with progress_bars(console) as progress:
             for name in ("harmful_train", "harmless_train"):
                 task = progress.add_task(f"residuals: {name.replace('_', ' ')}", total=len(prompts[name]))
                 batches = model.encode(prompts[name], batch_size)
@@ -427,7 +472,7 @@ def search(session: Session, console: Console) -> None:
         report,
         baseline_refusals=session.study.user_attrs["baseline_refusals"],
     )
-    with _progress(console) as progress:
+    with progress_bars(console) as progress:
         task = progress.add_task(
             "study",
             total=settings.n_trials,
@@ -461,44 +506,6 @@ def search(session: Session, console: Console) -> None:
         console.print(f"--time-budget spent: {finished} of {settings.n_trials} trials finished")
 
 
-def report_failed_trials(study: optuna.Study, console: Console, shown: int = 5) -> None:
-    """One line per failed trial of the study (the last `shown`), so that a gap in the numbering is explained."""
-    failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
-    if len(failed) > shown:
-        console.print(f"{len(failed)} trials failed; the last {shown}:")
-    for trial in failed[-shown:]:
-        reason = trial.user_attrs.get(
-            "fail_reason", "killed or interrupted (its run stopped during the trial)"
-        )
-        console.print(f"trial {trial.number:>4}: failed, {reason}")
-
-
-def mean_trial_seconds(finished: list[optuna.trial.FrozenTrial]) -> float | None:
-    """The study's own mean trial time (start to finish), for the time left; None before any trial."""
-    durations = [
-        (trial.datetime_complete - trial.datetime_start).total_seconds()
-        for trial in finished
-        if trial.datetime_start and trial.datetime_complete
-    ]
-    return sum(durations) / len(durations) if durations else None
-
-
-class StudyTimeRemaining(ProgressColumn):
-    """Time left from the study's mean trial time (rich's own estimate forgets samples older than
-    30 s, so with longer trials it shows nothing); other bars keep rich's estimate."""
-
-    def __init__(self):
-        super().__init__()
-        self._fallback = TimeRemainingColumn()
-
-    def render(self, task: Task) -> Text:
-        seconds_per_trial = task.fields.get("seconds_per_trial")
-        if seconds_per_trial is None or task.total is None:
-            return self._fallback.render(task)
-        left = max(0.0, task.total - task.completed) * seconds_per_trial
-        return Text(str(timedelta(seconds=round(left))), style="progress.remaining")
-
-
 def choose(session: Session, console: Console) -> tuple[optuna.trial.FrozenTrial | None, Selection]:
     """The trial to save (None for `--select none`) and the rule that picked it."""
     front = pareto_front(session.study)
@@ -507,49 +514,6 @@ def choose(session: Session, console: Console) -> tuple[optuna.trial.FrozenTrial
     if selection is None:
         selection = ask_selection(front) if sys.stdin.isatty() else Selection("knee")
     return select_trial(session.study, selection), selection
-
-
-def front_table(front, eval_prompts: int | None) -> Table:
-    table = Table(title="Pareto front (refusals vs KL divergence)")
-    for column in ("trial", "refusals", "KL", "direction"):
-        table.add_column(column, justify="right")
-    for trial in front:
-        table.add_row(
-            str(trial.number),
-            f"{int(trial.values[0])}/{eval_prompts}" if eval_prompts else str(int(trial.values[0])),
-            f"{trial.values[1]:.4f}",
-            direction_cell(trial.params),
-        )
-    return table
-
-
-def direction_cell(params: dict) -> str:
-    """Where a trial's direction comes from: a layer index or each layer's own, and how far it was
-    projected against the harmless mean when that was searched."""
-    global_scope = direction_scope_of(params) == "global"
-    cell = f"layer {params['direction_index']:.2f}" if global_scope else "per layer"
-    if "direction_projection" in params:
-        cell += f", projected {params['direction_projection']:.2f}"
-    return cell
-
-
-def ask_selection(front) -> Selection:
-    """Ask on the terminal until the answer is a trial of the front or a way to pick one."""
-    numbers = {str(trial.number) for trial in front}
-    while True:
-        answer = (
-            input("trial to save (number, knee, min-refusals, min-kl, max-kl:X, none) [knee]: ").strip()
-            or "knee"
-        )
-        if answer in numbers:
-            return Selection("trial", int(answer))
-        try:
-            selection = Selection.parse(answer)
-        except ValueError:
-            selection = None
-        if selection is not None and selection.rule != "trial":
-            return selection
-        print(f"not one of the trials above: {answer}")
 
 
 def trial_edits(session: Session, trial) -> list[Edit]:
@@ -599,15 +563,3 @@ def _export_merged(session: Session, trial, card: ModelCard) -> Path:
     for edit in edits:
         apply_edit(editable, edit, row_norm)
     return save_model(full, session.model.tokenizer_to_save, session.output, card)
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        StudyTimeRemaining(),
-        console=console,
-        transient=False,
-    )

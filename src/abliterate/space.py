@@ -131,6 +131,21 @@ def direction_scope_of(params: dict) -> str:
     return params.get("direction_scope") or ("global" if "direction_index" in params else "per-layer")
 
 
+def kernels_of(params: dict) -> dict[str, Kernel]:
+    """Each searched component's kernel of ablation weights over layers."""
+    kernels = {}
+    for component in COMPONENTS:
+        if f"{component}.max_weight" in params:
+            max_weight = params[f"{component}.max_weight"]
+            kernels[component] = Kernel(
+                max_weight=max_weight,
+                max_weight_position=params[f"{component}.max_weight_position"],
+                min_weight=params[f"{component}.min_weight_fraction"] * max_weight,
+                min_weight_distance=params[f"{component}.min_weight_distance"],
+            )
+    return kernels
+
+
 def edits_from_params(params: dict, basis: torch.Tensor) -> list[Edit]:
     """The edits a trial's parameters describe: one per (layer, component) with a non-zero weight.
 
@@ -148,16 +163,7 @@ def edits_from_params(params: dict, basis: torch.Tensor) -> list[Edit]:
         else None
     )
     edits = []
-    for component in COMPONENTS:
-        if f"{component}.max_weight" not in params:
-            continue
-        max_weight = params[f"{component}.max_weight"]
-        kernel = Kernel(
-            max_weight=max_weight,
-            max_weight_position=params[f"{component}.max_weight_position"],
-            min_weight=params[f"{component}.min_weight_fraction"] * max_weight,
-            min_weight_distance=params[f"{component}.min_weight_distance"],
-        )
+    for component, kernel in kernels_of(params).items():
         for layer, weight in enumerate(kernel.weights(num_layers)):
             if weight > 0:
                 direction = shared if shared is not None else directions[layer]
