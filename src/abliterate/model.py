@@ -38,7 +38,20 @@ def model_name(source: str | None) -> str:
     """A short name for folders and studies: the last part of the hub id or path."""
     if source is None or Path(source).expanduser().resolve() == demo_model_path():
         return DEMO_MODEL_NAME
-    return Path(source.rstrip("/")).name
+    path = Path(source.rstrip("/"))
+    return path.stem if path.suffix.lower() == ".gguf" else path.name
+
+
+def gguf_file_of(source: str | None) -> Path | None:
+    """The GGUF file `source` names (read by transformers, dequantized), or None for a folder or hub id."""
+    if source is None or not source.lower().endswith(".gguf"):
+        return None
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise UserError(f"GGUF file {source} does not exist")
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("reading a GGUF file needs the gguf package: pip install gguf (or the gguf extra)")
+    return path.resolve()
 
 
 # Reasoning models write a thinking block before their answer; these are the pairs of markers
@@ -61,6 +74,8 @@ class ChatModel:
     # The tokenizer as the model ships it (with any --chat-template): what a saved model gets.
     # `tokenizer` itself pads on the left, as batched generation needs.
     tokenizer_as_loaded: transformers.PreTrainedTokenizerBase | None = None
+    # The GGUF file the weights were read from (dequantized), when they were: reloads read it again.
+    gguf_file: Path | None = None
     # Generate with a static KV cache, whose decoding step transformers compiles (CUDA graphs):
     # see `enable_compiled_generation`.
     compiled_generation: bool = False
@@ -73,8 +88,14 @@ class ChatModel:
 
     @property
     def hub_id(self) -> str | None:
-        """The Hugging Face Hub id the model was loaded by; None for a local folder."""
-        return None if Path(self.source).expanduser().is_dir() else self.source
+        """The Hugging Face Hub id the model was loaded by; None for a local folder or file."""
+        return None if Path(self.source).expanduser().exists() else self.source
+
+    def pretrained_source(self) -> tuple[str, dict]:
+        """What `from_pretrained` reads the original weights from: a folder or id, and its options."""
+        if self.gguf_file is not None:
+            return str(self.gguf_file.parent), {"gguf_file": self.gguf_file.name}
+        return str(self.folder or self.source), {}
 
     @property
     def tokenizer_to_save(self) -> transformers.PreTrainedTokenizerBase:
@@ -305,8 +326,16 @@ def load_chat_model(
     `quantization="bnb-4bit"` loads the weights as 4-bit NF4 (bitsandbytes), computing in the dtype.
     """
     source = source or str(demo_model_path())
-    folder = local_folder(source)
+    gguf_file = gguf_file_of(source)
+    folder = None if gguf_file else local_folder(source)
     load_from = str(folder) if folder else source  # transformers does not expand ~
+    gguf_options: dict = {}
+    if gguf_file is not None:
+        if quantization != "none":
+            raise UserError(
+                f"--quantization {quantization} cannot load a GGUF file; load {gguf_file.name} without it"
+            )
+        load_from, gguf_options = str(gguf_file.parent), {"gguf_file": gguf_file.name}
     if device_map.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(
             f"--device-map {device_map}, but no CUDA GPU is visible; use --device-map auto or cpu"
@@ -315,14 +344,14 @@ def load_chat_model(
         raise UserError(
             "--quantization bnb-4bit needs bitsandbytes: pip install bitsandbytes (or the quantization extra)"
         )
-    config = _load_config(load_from, trust_remote_code)
+    config = _load_config(load_from, trust_remote_code, gguf_options)
     if getattr(config, "quantization_config", None) is not None:
         # Neither its weights nor its files can carry the edit: there would be nothing to save.
         raise UserError(
             f"{model_name(source)} is stored quantized; abliterate merges its edit into full-precision "
             "weights: use the original model (with --quantization bnb-4bit to load it in 4-bit)"
         )
-    tokenizer = _load_tokenizer(load_from, trust_remote_code, chat_template)
+    tokenizer = _load_tokenizer(load_from, trust_remote_code, chat_template, gguf_options)
     tokenizer_as_loaded = copy.deepcopy(tokenizer)
     left_pad(tokenizer)
     model = None
@@ -332,6 +361,7 @@ def load_chat_model(
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 load_from,
+                **gguf_options,
                 config=config,
                 dtype=torch_dtype,
                 device_map=None if device_map == "none" else device_map,
@@ -349,7 +379,9 @@ def load_chat_model(
         )
     model.eval()
     model.requires_grad_(False)
-    if folder is None:
+    if gguf_file is not None:
+        _forget_gguf_quantization(model)
+    if folder is None and gguf_file is None:
         folder = _hub_snapshot(source)
     return ChatModel(
         model=model,
@@ -359,7 +391,17 @@ def load_chat_model(
         system_prompt=system_prompt,
         tokenizer_as_loaded=tokenizer_as_loaded,
         enable_thinking=enable_thinking,
+        gguf_file=gguf_file,
     )
+
+
+def _forget_gguf_quantization(model: transformers.PreTrainedModel) -> None:
+    """transformers marks a model read from GGUF as quantized, though its weights were dequantized
+    to ordinary tensors on load; unmarked, it is edited in place and saved like any other model."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def _quantization_config(
@@ -404,14 +446,15 @@ def _needs_remote_code(folder: Path) -> bool:
     return "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING
 
 
-def _load_config(source: str, trust_remote_code: bool) -> transformers.PretrainedConfig:
+def _load_config(source: str, trust_remote_code: bool, options: dict) -> transformers.PretrainedConfig:
     # Checked before transformers sees the folder: it would otherwise ask on the terminal.
-    if not trust_remote_code and Path(source).is_dir() and _needs_remote_code(Path(source)):
+    folder_config = not options and Path(source).is_dir()  # a GGUF file holds its own configuration
+    if not trust_remote_code and folder_config and _needs_remote_code(Path(source)):
         raise UserError(
             f"model {source!r} runs its own code; pass --trust-remote-code true if you trust its authors"
         )
     try:
-        return transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **options)
     except OSError as error:
         if hub_offline():
             raise UserError(
@@ -428,9 +471,11 @@ def _load_config(source: str, trust_remote_code: bool) -> transformers.Pretraine
         raise UserError(f"cannot load model {source!r}: {message.splitlines()[0]}") from None
 
 
-def _load_tokenizer(source: str, trust_remote_code: bool, chat_template: Path | None):
+def _load_tokenizer(source: str, trust_remote_code: bool, chat_template: Path | None, options: dict):
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, **options
+        )
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load the tokenizer of {source!r}: {str(error).splitlines()[0]}") from None
     if chat_template is not None:

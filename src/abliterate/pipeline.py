@@ -44,6 +44,7 @@ from abliterate.model import (
     ChatModel,
     compiled_generation_blocker,
     enable_compiled_generation,
+    gguf_file_of,
     load_chat_model,
     local_folder,
     model_name,
@@ -111,7 +112,7 @@ def run(settings: Settings, console: Console | None = None, command: str | None 
     # The output folder is checked before the model loads: a mistake there costs no waiting.
     output = study_location(settings)[0]
     created = [folder for folder in (output, *output.parents) if not folder.exists()]
-    prepare_output(output, local_folder(settings.model))
+    prepare_output(output, None if gguf_file_of(settings.model) else local_folder(settings.model))
     try:
         return _run_in(output, settings, console, command)
     except BaseException:
@@ -417,8 +418,9 @@ def _directions(
 
 
 def _reload(model: ChatModel, trust_remote_code: bool) -> torch.nn.Module:
+    source, options = model.pretrained_source()
     return transformers.AutoModelForCausalLM.from_pretrained(
-        model.folder or model.source, dtype=model.dtype, device_map="cpu", trust_remote_code=trust_remote_code
+        source, dtype=model.dtype, device_map="cpu", trust_remote_code=trust_remote_code, **options
     )
 
 
