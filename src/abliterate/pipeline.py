@@ -281,7 +281,8 @@ def prepare(settings: Settings, console: Console) -> Session:
         console.print(
             f"--compile {settings.compile}: the first generation compiles the decoder (seconds to a minute)"
         )
-    counted = "baseline_refusals" in study.user_attrs  # written last: its presence means both are there
+    stored = StudyData(study)
+    counted = stored.baseline_refusals is not None
     if counted:  # a resume: a decoder other than the study's is refused before the evaluation starts
         _pin_decoder(study, model)
 
@@ -297,11 +298,8 @@ def prepare(settings: Settings, console: Console) -> Session:
     if not counted:
         baseline = _count_baseline(evaluator, settings.compile, console)
         _pin_decoder(study, model)  # only now: `auto` may have dropped a decoder that failed to compile
-        study.set_user_attr("eval_prompts", len(prompts["harmful_eval"]))
-        study.set_user_attr("baseline_refusals", baseline)
-    console.print(
-        f"original model: {study.user_attrs['baseline_refusals']}/{len(prompts['harmful_eval'])} refusals"
-    )
+        stored.record_baseline(len(prompts["harmful_eval"]), baseline)
+    console.print(f"original model: {stored.baseline_refusals}/{len(prompts['harmful_eval'])} refusals")
 
     console.print(describe(choice, editable, model.model))
     editor = make_editor(
@@ -345,7 +343,7 @@ def use_compiled_generation(mode: str, study: optuna.Study, model: ChatModel, in
         enable_compiled_generation(model, in_place)  # or says why it cannot
         return True
     # A study begun without it goes on without it: its trials must stay comparable.
-    if mode == "false" or study.user_attrs.get("scoring", {}).get("--compile") == "false":
+    if mode == "false" or StudyData(study).scoring.get("--compile") == "false":
         return False
     if compiled_generation_blocker(model, in_place) is not None:
         return False  # a study begun with it is then refused by `pin_scoring`, with the reason
@@ -429,13 +427,14 @@ def search(session: Session, console: Console) -> None:
     fail_stale_trials(session.study)  # a killed run's last trial is failed now, not waited for
     report_failed_trials(session.study, console)
     done = len(finished_trials(session.study))
-    asked = session.study.user_attrs.get("n_trials")
+    stored = StudyData(session.study)
+    asked = stored.n_trials
     if asked is not None and settings.n_trials > asked and done:
         console.print(
             f"growing study {session.study.study_name!r} from {asked} to {settings.n_trials} trials (--n-trials)"
         )
     if asked != settings.n_trials:
-        session.study.set_user_attr("n_trials", settings.n_trials)
+        stored.n_trials = settings.n_trials
     if done >= settings.n_trials:
         console.print(
             f"study {session.study.study_name!r} already holds {done} finished trials "
@@ -452,7 +451,7 @@ def search(session: Session, console: Console) -> None:
         search_projection=settings.direction == "search",
     )
     plan_warm_starts(session.study, space.warm_starts() if settings.warm_starts else [])
-    eval_prompts = session.study.user_attrs["eval_prompts"]
+    eval_prompts = stored.eval_prompts
 
     def report(trial: optuna.Trial, scores) -> None:
         if scores.refusals_counted:
@@ -472,7 +471,7 @@ def search(session: Session, console: Console) -> None:
         space,
         settings.row_norm,
         report,
-        baseline_refusals=session.study.user_attrs["baseline_refusals"],
+        baseline_refusals=stored.baseline_refusals,
     )
     with progress_bars(console) as progress:
         task = progress.add_task(
@@ -511,7 +510,7 @@ def search(session: Session, console: Console) -> None:
 def choose(session: Session, console: Console) -> tuple[optuna.trial.FrozenTrial | None, Selection]:
     """The trial to save (None for `--select none`) and the rule that picked it."""
     front = pareto_front(session.study)
-    console.print(front_table(front, session.study.user_attrs.get("eval_prompts")))
+    console.print(front_table(front, StudyData(session.study).eval_prompts))
     selection = session.settings.selection
     if selection is None:
         selection = ask_selection(front) if sys.stdin.isatty() else Selection("knee")
@@ -533,8 +532,8 @@ def export(session: Session, trial, command: str) -> Path:
         trial=trial.number,
         params=dict(trial.params),
         refusals=int(trial.values[0]),
-        eval_prompts=session.study.user_attrs["eval_prompts"],
-        baseline_refusals=session.study.user_attrs.get("baseline_refusals"),
+        eval_prompts=StudyData(session.study).eval_prompts,
+        baseline_refusals=StudyData(session.study).baseline_refusals,
         kl=float(trial.values[1]),
         command=command,
         hub_id=session.model.hub_id,

@@ -79,7 +79,7 @@ def pareto_plot(
         from matplotlib import pyplot
     except ImportError:
         return None
-    eval_prompts = study.user_attrs.get("eval_prompts") or 1
+    eval_prompts = StudyData(study).eval_prompts or 1
     figure, axes = pyplot.subplots(figsize=(7, 4.5), dpi=120)
     try:
         axes.scatter(
@@ -93,7 +93,7 @@ def pareto_plot(
             point = knee(front)
             axes.scatter([point.values[1]], [point.values[0]], s=90, facecolors="none", edgecolors="#2ca02c",
                          linewidths=2, label=f"knee (trial {point.number})")  # fmt: skip
-        baseline = study.user_attrs.get("baseline_refusals")
+        baseline = StudyData(study).baseline_refusals
         if baseline is not None:
             axes.scatter([0], [baseline], marker="s", color="black", label="original model")
         if saved is not None:
@@ -123,13 +123,13 @@ def report_page(
     samples: list[Sample],
     plot: bytes | None,
 ) -> str:
-    eval_prompts = study.user_attrs.get("eval_prompts")
-    baseline = study.user_attrs.get("baseline_refusals")
+    stored = StudyData(study)
+    eval_prompts, baseline = stored.eval_prompts, stored.baseline_refusals
     out_of = f"/{eval_prompts}" if eval_prompts else ""
     knee_trial = knee(front) if front else None
     parts = [
         f"<h1>abliterate: {_e(study.study_name)}</h1>",
-        f"<p>Model <code>{_e(study.user_attrs.get('model', '?'))}</code>; {len(trials)} finished trials; "
+        f"<p>Model <code>{_e(stored.model or '?')}</code>; {len(trials)} finished trials; "
         f"the original model refuses {baseline}{out_of} harmful eval prompts.</p>",
     ]
     if plot is not None:

@@ -32,12 +32,21 @@ HEARTBEAT_SECONDS = 10
 
 
 class StudyData:
-    """The study's stored data, read and written through its storage (one key each).
+    """Everything a study stores beside its trials, each under one key named here.
 
-    Studies begun before this layout kept the directions and the plan as user attributes: those
-    are still read, so old studies resume.
+    User attributes (shown by `optuna studies` and optuna-dashboard): `model`, the source it
+    belongs to; `eval_prompts` and `baseline_refusals`, the harmful eval prompt count and the
+    original model's refusals among them (written last, once counted); `scoring`, the options its
+    scores depend on (`study.pin_scoring`); `n_trials`, the size last asked for. System attributes
+    (left out of those listings): the refusal direction basis and the warm-start plan. Studies
+    begun before this layout kept those two as user attributes: they are still read.
     """
 
+    MODEL = "model"
+    EVAL_PROMPTS = "eval_prompts"
+    BASELINE_REFUSALS = "baseline_refusals"
+    SCORING = "scoring"
+    N_TRIALS = "n_trials"
     DIRECTIONS = "abliterate:directions"
     WARM_STARTS = "abliterate:warm_starts"
 
@@ -55,6 +64,46 @@ class StudyData:
 
     def _set(self, key: str, value) -> None:
         self._storage.set_study_system_attr(self._study_id, key, value)
+
+    def _user(self, key: str):
+        return self._study.user_attrs.get(key)
+
+    @property
+    def model(self) -> str | None:
+        return self._user(self.MODEL)
+
+    @model.setter
+    def model(self, source: str) -> None:
+        self._study.set_user_attr(self.MODEL, source)
+
+    @property
+    def eval_prompts(self) -> int | None:
+        return self._user(self.EVAL_PROMPTS)
+
+    @property
+    def baseline_refusals(self) -> int | None:
+        """The original model's refusals; None until counted."""
+        return self._user(self.BASELINE_REFUSALS)
+
+    def record_baseline(self, eval_prompts: int, refusals: int) -> None:
+        self._study.set_user_attr(self.EVAL_PROMPTS, eval_prompts)
+        self._study.set_user_attr(self.BASELINE_REFUSALS, refusals)  # last: its presence means both are there
+
+    @property
+    def scoring(self) -> dict[str, str]:
+        return self._user(self.SCORING) or {}
+
+    @scoring.setter
+    def scoring(self, pins: dict[str, str]) -> None:
+        self._study.set_user_attr(self.SCORING, pins)
+
+    @property
+    def n_trials(self) -> int | None:
+        return self._user(self.N_TRIALS)
+
+    @n_trials.setter
+    def n_trials(self, count: int) -> None:
+        self._study.set_user_attr(self.N_TRIALS, count)
 
     @property
     def directions(self) -> torch.Tensor | None:

@@ -199,9 +199,10 @@ def open_study(
         multivariate=True,
         constant_liar=True,  # several workers: running trials count as pessimistic results
     )
-    stored_model = study.user_attrs.get("model")
+    stored = StudyData(study)
+    stored_model = stored.model
     if stored_model is None:
-        study.set_user_attr("model", model_source)
+        stored.model = model_source
     elif not _same_source(stored_model, model_source):
         raise UserError(
             f"study {study_name!r} in this storage belongs to model {stored_model!r}, not {model_source!r}; "
@@ -248,7 +249,7 @@ def pin_scoring(study: optuna.Study, scoring: dict[str, str]) -> None:
     scored under other settings would share one Pareto front without being comparable. Options
     may be pinned in several calls: one not stored yet is added.
     """
-    pinned = study.user_attrs.get("scoring", {})
+    pinned = StudyData(study).scoring
     # A study begun before some options existed was scored as they behaved then.
     stored = {**SCORING_BEFORE_OPTIONS, **pinned} if pinned else {}
     changed = [option for option, value in scoring.items() if stored.get(option, value) != value]
@@ -261,7 +262,7 @@ def pin_scoring(study: optuna.Study, scoring: dict[str, str]) -> None:
             "give the same values to continue it, or pass another --study-name"
         )
     if any(option not in pinned for option in scoring):  # the first run, or a setting pinned later
-        study.set_user_attr("scoring", {**stored, **scoring})
+        StudyData(study).scoring = {**stored, **scoring}
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:

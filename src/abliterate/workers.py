@@ -95,7 +95,8 @@ def _wait_for_directions(
     while first.poll() is None:
         try:
             study = optuna.load_study(study_name=study_name, storage=storage)
-            if StudyData(study).directions is not None and "baseline_refusals" in study.user_attrs:
+            stored = StudyData(study)
+            if stored.directions is not None and stored.baseline_refusals is not None:
                 return
         except KeyError:  # the study does not exist yet
             pass
