@@ -170,8 +170,8 @@ class CompileFails:
 
         monkeypatch.setattr(ChatModel, "generate", generate)
         # As if the model were on one CUDA GPU.
-        monkeypatch.setattr("abliterate.pipeline.compiled_generation_blocker", lambda *args: None)
-        monkeypatch.setattr("abliterate.pipeline.enable_compiled_generation", _compile_on)
+        monkeypatch.setattr("abliterate.compiled.compiled_generation_blocker", lambda *args: None)
+        monkeypatch.setattr("abliterate.compiled.enable_compiled_generation", _compile_on)
 
 
 def _compile_on(chat, in_place):

@@ -52,6 +52,8 @@ def test_a_study_writes_its_report_with_the_front_and_sample_answers(tmp_path: P
             rf"<td>{trial.number}( \(saved\))?( \(knee\))?</td><td>{int(trial.values[0])}/4</td>", page
         )
 
+    assert f"<td>original model</td><td>{study.user_attrs['baseline_refusals']}/4</td><td>0</td>" in page
+
     # Rebuilt from the study and samples.json alone: the same page.
     (output / "report.html").unlink()
     (output / "pareto.png").unlink()

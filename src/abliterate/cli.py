@@ -261,10 +261,12 @@ def report(argv: list[str]) -> int:
     import optuna
 
     from abliterate.export import saved_trial_number
+    from abliterate.pipeline import quiet_libraries
     from abliterate.report import load_samples, write_report
     from abliterate.select import finished_trial
     from abliterate.storage import open_storage
 
+    quiet_libraries()
     opened = open_storage(storage)
     names = [summary.study_name for summary in optuna.get_all_study_summaries(opened)]
     name = arguments.study_name or (names[0] if len(names) == 1 else None)

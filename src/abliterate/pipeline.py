@@ -26,9 +26,9 @@ from rich.markup import escape
 from abliterate import workers
 from abliterate.chat import Chat, chat_loop
 from abliterate.checkpoint import safetensors_files
+from abliterate.compiled import count_baseline, pin_decoder, use_compiled_generation
 from abliterate.components import EditableModel, find_components
 from abliterate.directions import capture_residuals, refusal_directions
-from abliterate.errors import UserError
 from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers
 from abliterate.export import (
     ModelCard,
@@ -42,8 +42,6 @@ from abliterate.export import (
 from abliterate.model import (
     DEMO_MODEL_NAME,
     ChatModel,
-    compiled_generation_blocker,
-    enable_compiled_generation,
     gguf_file_of,
     load_chat_model,
     local_folder,
@@ -284,7 +282,7 @@ def prepare(settings: Settings, console: Console) -> Session:
     stored = StudyData(study)
     counted = stored.baseline_refusals is not None
     if counted:  # a resume: a decoder other than the study's is refused before the evaluation starts
-        _pin_decoder(study, model)
+        pin_decoder(study, model)
 
     # The original log-probabilities must be taken before any edit: build the evaluator first.
     evaluator = Evaluator(
@@ -296,8 +294,8 @@ def prepare(settings: Settings, console: Console) -> Session:
         settings.max_response_length,
     )
     if not counted:
-        baseline = _count_baseline(evaluator, settings.compile, console)
-        _pin_decoder(study, model)  # only now: `auto` may have dropped a decoder that failed to compile
+        baseline = count_baseline(evaluator, settings.compile, console)
+        pin_decoder(study, model)  # only now: `auto` may have dropped a decoder that failed to compile
         stored.record_baseline(len(prompts["harmful_eval"]), baseline)
     console.print(f"original model: {stored.baseline_refusals}/{len(prompts['harmful_eval'])} refusals")
 
@@ -335,50 +333,6 @@ def scoring(
         "--quantization": settings.quantization,
         # "--compile" too (compiled kernels round differently), pinned once the baseline has been counted.
     }
-
-
-def use_compiled_generation(mode: str, study: optuna.Study, model: ChatModel, in_place: bool) -> bool:
-    """Turn on the compiled decoder for `--compile true`, and for `auto` where it can serve."""
-    if mode == "true":
-        enable_compiled_generation(model, in_place)  # or says why it cannot
-        return True
-    # A study begun without it goes on without it: its trials must stay comparable.
-    if mode == "false" or StudyData(study).scoring.get("--compile") == "false":
-        return False
-    if compiled_generation_blocker(model, in_place) is not None:
-        return False  # a study begun with it is then refused by `pin_scoring`, with the reason
-    # auto is for architectures transformers declares compilable as one graph.
-    if not getattr(model.model, "_can_compile_fullgraph", False):
-        return False
-    model.compiled_generation = True
-    return True
-
-
-def _pin_decoder(study: optuna.Study, model: ChatModel) -> None:
-    pin_scoring(study, {"--compile": str(model.compiled_generation).lower()})
-
-
-def _count_baseline(evaluator: Evaluator, mode: str, console: Console) -> int:
-    """The original model's refusals; under `--compile auto` a decoder that fails to compile is dropped."""
-    try:
-        return evaluator.count_refusals()
-    except UserError:
-        raise
-    except Exception as error:  # torch.compile fails in many ways: inductor, triton, a missing compiler
-        if not evaluator.model.compiled_generation:
-            raise
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
-        if mode == "true":
-            raise UserError(
-                f"--compile: the compiled decoder failed ({type(error).__name__}: {reason}); "
-                "use --compile auto or false"
-            ) from error
-        console.print(
-            f"--compile auto: the compiled decoder failed ({type(error).__name__}: {reason}); generating without it"
-        )
-        evaluator.model.compiled_generation = False
-        torch._dynamo.reset()
-        return evaluator.count_refusals()
 
 
 def study_location(settings: Settings) -> tuple[Path, str, str]:

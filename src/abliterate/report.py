@@ -24,6 +24,7 @@ from abliterate.export import write_file_atomically
 from abliterate.select import knee, pareto_front
 from abliterate.space import kernels_of
 from abliterate.storage import StudyData
+from abliterate.terminal import direction_cell
 
 REPORT_FILE = "report.html"
 PLOT_FILE = "pareto.png"
@@ -145,10 +146,13 @@ def report_page(
             + (" (knee)" if knee_trial is not None and t.number == knee_trial.number else ""),
             f"{int(t.values[0])}{out_of}",
             f"{t.values[1]:.4f}",
+            direction_cell(t.params),
         ]
         for t in front
     ]
-    parts += ["<h2>Pareto front</h2>", _table(["trial", "refusals", "KL"], rows)]
+    if baseline is not None:
+        rows.append(["original model", f"{baseline}{out_of}", "0", "-"])
+    parts += ["<h2>Pareto front</h2>", _table(["trial", "refusals", "KL", "direction"], rows)]
     if saved is not None:
         parts += [
             f"<h2>Saved trial {saved.number}</h2>",

@@ -1,0 +1,58 @@
+"""The compiled decoder: when `--compile auto` turns it on, how a study pins it, and the fallback
+when it fails to compile (see `model.enable_compiled_generation` for the decoder itself)."""
+
+from __future__ import annotations
+
+import optuna
+import torch
+from rich.console import Console
+
+from abliterate.errors import UserError
+from abliterate.evaluate import Evaluator
+from abliterate.model import ChatModel, compiled_generation_blocker, enable_compiled_generation
+from abliterate.storage import StudyData
+from abliterate.study import pin_scoring
+
+
+def use_compiled_generation(mode: str, study: optuna.Study, model: ChatModel, in_place: bool) -> bool:
+    """Turn on the compiled decoder for `--compile true`, and for `auto` where it can serve."""
+    if mode == "true":
+        enable_compiled_generation(model, in_place)  # or says why it cannot
+        return True
+    # A study begun without it goes on without it: its trials must stay comparable.
+    if mode == "false" or StudyData(study).scoring.get("--compile") == "false":
+        return False
+    if compiled_generation_blocker(model, in_place) is not None:
+        return False  # a study begun with it is then refused by `pin_scoring`, with the reason
+    # auto is for architectures transformers declares compilable as one graph.
+    if not getattr(model.model, "_can_compile_fullgraph", False):
+        return False
+    model.compiled_generation = True
+    return True
+
+
+def pin_decoder(study: optuna.Study, model: ChatModel) -> None:
+    pin_scoring(study, {"--compile": str(model.compiled_generation).lower()})
+
+
+def count_baseline(evaluator: Evaluator, mode: str, console: Console) -> int:
+    """The original model's refusals; under `--compile auto` a decoder that fails to compile is dropped."""
+    try:
+        return evaluator.count_refusals()
+    except UserError:
+        raise
+    except Exception as error:  # torch.compile fails in many ways: inductor, triton, a missing compiler
+        if not evaluator.model.compiled_generation:
+            raise
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        if mode == "true":
+            raise UserError(
+                f"--compile: the compiled decoder failed ({type(error).__name__}: {reason}); "
+                "use --compile auto or false"
+            ) from error
+        console.print(
+            f"--compile auto: the compiled decoder failed ({type(error).__name__}: {reason}); generating without it"
+        )
+        evaluator.model.compiled_generation = False
+        torch._dynamo.reset()
+        return evaluator.count_refusals()
