@@ -17,15 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from abliterate.ablation import ablate_
-from abliterate.checkpoint import checkpoint_part, key_files, locate
-from abliterate.components import EditableModel, Matrix
+from abliterate.checkpoint import checkpoint_part, key_files, locate, safetensors_files
+from abliterate.components import EditableModel, Matrix, find_components
 from abliterate.errors import UserError
 from abliterate.model import DEMO_MODEL_NAME, demo_model_path, hub_offline
-from abliterate.reset import Edit
+from abliterate.reset import Edit, apply_edit
 
 MARKER = ".abliterate"
 MODEL_FOLDER = "model"
@@ -145,6 +146,29 @@ def save_model(model, tokenizer, output: Path, card: ModelCard) -> Path:
     return _save(
         lambda folder: model.save_pretrained(folder, safe_serialization=True), tokenizer, output, card
     )
+
+
+def save_edited_checkpoint(
+    source: Path,
+    editable: EditableModel,
+    edits: list[Edit],
+    row_norm: str,
+    tokenizer,
+    output: Path,
+    card: ModelCard,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Save the source checkpoint with `edits` merged in: shard by shard for safetensors (see
+    `save_merged`); an older checkpoint (pytorch_model.bin) is loaded whole on the CPU and edited."""
+    if safetensors_files(source):
+        return save_merged(source, editable, edits, row_norm, tokenizer, output, card)
+    full = transformers.AutoModelForCausalLM.from_pretrained(
+        source, dtype="auto", device_map="cpu", trust_remote_code=trust_remote_code
+    )
+    full_editable = find_components(full)
+    for edit in edits:
+        apply_edit(full_editable, edit, row_norm)
+    return save_model(full, tokenizer, output, card)
 
 
 def save_merged(

@@ -25,7 +25,6 @@ from rich.markup import escape
 
 from abliterate import workers
 from abliterate.chat import Chat, chat_loop
-from abliterate.checkpoint import safetensors_files
 from abliterate.compiled import count_baseline, pin_decoder, use_compiled_generation
 from abliterate.components import EditableModel, find_components
 from abliterate.directions import capture_residuals, refusal_directions
@@ -35,7 +34,7 @@ from abliterate.export import (
     check_upload,
     clean_partials,
     prepare_output,
-    save_merged,
+    save_edited_checkpoint,
     save_model,
     upload,
 )
@@ -49,7 +48,7 @@ from abliterate.model import (
 )
 from abliterate.prompts import load_prompts
 from abliterate.report import Sample, save_samples, write_report
-from abliterate.reset import AdapterEditor, Edit, Editor, apply_edit, choose_strategy, describe, make_editor
+from abliterate.reset import AdapterEditor, Edit, Editor, choose_strategy, describe, make_editor
 from abliterate.select import finished_trial, pareto_front, select_trial
 from abliterate.settings import Selection, Settings
 from abliterate.space import SearchSpace, edits_from_params
@@ -502,19 +501,15 @@ def export(session: Session, trial, command: str) -> Path:
 
 
 def _export_merged(session: Session, trial, card: ModelCard) -> Path:
-    """Adapter runs never touch the weights: merge the edit into the model's own files and save that."""
-    folder, row_norm = session.model.folder, session.settings.row_norm
-    assert folder is not None, "make_editor refuses adapter runs without the model's files"
-    edits = trial_edits(session, trial)
-    if safetensors_files(folder):
-        return save_merged(
-            folder, session.editable, edits, row_norm, session.model.tokenizer_to_save, session.output, card
-        )
-    # Older checkpoints (pytorch_model.bin): load a full-precision copy on the CPU and edit that.
-    full = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, dtype="auto", device_map="cpu", trust_remote_code=session.settings.trust_remote_code
+    """Adapter runs never touch the weights: the edit is merged into the model's own files."""
+    assert session.model.folder is not None, "make_editor refuses adapter runs without the model's files"
+    return save_edited_checkpoint(
+        session.model.folder,
+        session.editable,
+        trial_edits(session, trial),
+        session.settings.row_norm,
+        session.model.tokenizer_to_save,
+        session.output,
+        card,
+        session.settings.trust_remote_code,
     )
-    editable = find_components(full)
-    for edit in edits:
-        apply_edit(editable, edit, row_norm)
-    return save_model(full, session.model.tokenizer_to_save, session.output, card)
