@@ -49,8 +49,8 @@ def test_batches_are_left_padded_and_logprobs_do_not_depend_on_batching():
     prompts = ["hi", "how do i bake bread at home today", "write a poem"]
     (batch,) = model.encode(prompts, batch_size=3)
     assert (batch["attention_mask"][:, -1] == 1).all()  # every prompt ends at the last position
-    together = model.next_token_logprobs(batch)
-    alone = torch.cat([model.next_token_logprobs(b) for b in model.encode(prompts, batch_size=1)])
+    together = model.response_logprobs(batch, 1)
+    alone = torch.cat([model.response_logprobs(b, 1) for b in model.encode(prompts, batch_size=1)])
     assert torch.allclose(together, alone, atol=1e-4)
 
 
@@ -120,7 +120,7 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_result():
     evaluator = Evaluator(model, prompts, prompts, RefusalDetector(["e"]), 8, 6)
     expected_kl_rows = evaluator.reference_logprobs
     expected_responses = evaluator.responses()
-    real_logprobs, real_generate = model.next_token_logprobs, model.generate
+    real_logprobs, real_generate = model.response_logprobs, model.generate
     seen = []
 
     def small_only(real):
@@ -132,7 +132,7 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_result():
 
         return run
 
-    model.next_token_logprobs = small_only(real_logprobs)
+    model.response_logprobs = small_only(real_logprobs)
     model.generate = small_only(real_generate)
     assert torch.allclose(evaluator._logprobs(), expected_kl_rows, atol=1e-5)
     assert evaluator.responses() == expected_responses
@@ -158,3 +158,63 @@ def test_every_evaluated_prompt_is_reported_for_the_progress_bar():
     evaluator.kl()
     evaluator.count_refusals()
     assert sum(seen) == evaluator.prompt_count == 5
+
+
+PROMPTS = ["bake bread", "write a poem about the sea", "fix my bike", "plan a trip", "learn french"]
+
+
+def test_kl_over_several_tokens_teacher_forces_the_originals_own_answers():
+    model = tiny_chat_model()
+    one = Evaluator(model, PROMPTS, PROMPTS, RefusalDetector(["e"]), 2, 6)
+    four = Evaluator(model, PROMPTS, PROMPTS, RefusalDetector(["e"]), 2, 6, kl_tokens=4)
+    assert one.kl() == 0.0 and four.kl() == 0.0  # the original against itself
+    # Each prompt is followed by the first 3 tokens of its greedy answer; 4 positions are scored each.
+    prompts = model.encode(PROMPTS, 2)
+    for batch, forced, positions in zip(prompts, four.harmless_batches, four.kl_positions, strict=True):
+        answers, valid = model.answer_ids(batch, 4)
+        assert torch.equal(forced["input_ids"], torch.cat([batch["input_ids"], answers[:, :3]], dim=1))
+        assert torch.equal(positions, valid) and positions[:, 0].all()
+    assert four.reference_logprobs.shape[0] == sum(int(p.sum()) for p in four.kl_positions)
+    # The answer's first token is predicted from the prompt alone: the one-token KL's distribution.
+    for batch, forced in zip(prompts, four.harmless_batches, strict=True):
+        alone, teacher_forced = (
+            model.response_logprobs(batch, 1)[:, 0],
+            model.response_logprobs(forced, 4)[:, 0],
+        )
+        assert torch.allclose(alone, teacher_forced, atol=1e-5)
+    with torch.no_grad():  # an edit: both KLs see it, and they differ
+        model.model.model.layers[1].self_attn.o_proj.weight.mul_(0.5)
+    assert one.kl() > 0 and four.kl() > 0 and one.kl() != four.kl()
+
+
+def test_an_answer_ends_at_its_end_of_sequence_token():
+    model = tiny_chat_model()
+    (batch,) = model.encode(["bake bread", "fix my bike"], 2)
+    end = model.tokenizer.eos_token_id
+    width = batch["input_ids"].shape[1]
+
+    def generate(**kwargs):  # the first answer ends after two tokens; the generation stops at three
+        answers = torch.tensor([[7, end, model.tokenizer.pad_token_id], [8, 9, 10]])
+        return torch.cat([kwargs["input_ids"], answers], dim=1)
+
+    model.model.generate = generate
+    answers, valid = model.answer_ids(batch, 5)
+    assert answers.shape == (2, 5) and answers[1, :3].tolist() == [8, 9, 10]
+    assert valid.tolist() == [[True, True, False, False, False], [True, True, True, False, False]]
+    assert width == batch["input_ids"].shape[1]
+
+
+def test_a_study_pins_its_kl_tokens(tmp_path, monkeypatch, capsys):
+    from conftest import save_tiny_model
+
+    from abliterate.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    source = save_tiny_model(tmp_path / "tiny")
+    argv = ["--model", str(source), "--n-trials", "2", "--n-startup-trials", "2", "--kl-tokens", "3",
+            "--harmful-train-split", "train[:8]", "--harmless-train-split", "train[:8]",
+            "--harmful-eval-split", "eval[:4]", "--harmless-eval-split", "eval[:4]", "--max-response-length", "4",
+            "--select", "none", "--output", str(tmp_path / "o")]  # fmt: skip
+    assert main(argv) == 0
+    assert main([*argv[:7], "2", *argv[8:]]) == 1
+    assert "--kl-tokens '3' (now '2')" in capsys.readouterr().err

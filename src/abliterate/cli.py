@@ -27,7 +27,7 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
         "model", "dtypes", "device_map", "quantization", "trust_remote_code", "chat_template", "system_prompt",
         "enable_thinking",
     ),
-    "prompts and scoring": (*PROMPT_SETS, "refusal_markers", "max_response_length"),
+    "prompts and scoring": (*PROMPT_SETS, "refusal_markers", "max_response_length", "kl_tokens"),
     "search": (
         "n_trials", "time_budget", "n_startup_trials", "warm_starts", "search_space", "seed",
         "direction_scope", "direction", "row_norm",

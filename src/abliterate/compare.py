@@ -37,6 +37,7 @@ class Evaluation:
     kl: float
     harmless_prompts: int
     max_response_length: int
+    kl_tokens: int
     system_prompt: str | None
 
 
@@ -59,7 +60,9 @@ def evaluate_model(settings: Settings, original: str, console: Console) -> Evalu
         settings.max_response_length,
     )
     # Both models read the prompts as the original's tokenizer and template write them, as in a study.
-    evaluator = Evaluator(reference, harmful, harmless, detector, batch_size, settings.max_response_length)
+    evaluator = Evaluator(
+        reference, harmful, harmless, detector, batch_size, settings.max_response_length, settings.kl_tokens
+    )
     original_refusals = evaluator.count_refusals()
     vocabulary = reference.tokenizer.get_vocab()
     evaluator.model = reference = None
@@ -84,6 +87,7 @@ def evaluate_model(settings: Settings, original: str, console: Console) -> Evalu
         kl=kl,
         harmless_prompts=len(harmless),
         max_response_length=settings.max_response_length,
+        kl_tokens=settings.kl_tokens,
         system_prompt=settings.system_prompt,
     )
 

@@ -94,8 +94,10 @@ class Evaluator:
         detector: RefusalDetector,
         batch_size: int,
         max_response_length: int,
+        kl_tokens: int = 1,
     ):
         self.model = model
+        self.kl_tokens = kl_tokens
         self.harmful_prompts = list(harmful_prompts)
         self.harmless_prompts = list(harmless_prompts)
         self.detector = detector
@@ -103,7 +105,9 @@ class Evaluator:
         self.harmful_batches = model.encode(
             harmful_prompts, batch_size, common_length=model.compiled_generation
         )
-        self.harmless_batches = model.encode(harmless_prompts, batch_size)
+        self.harmless_batches, self.kl_positions = self._teacher_forced(
+            model.encode(harmless_prompts, batch_size), kl_tokens
+        )
         self.prompt_count = len(harmful_prompts) + len(harmless_prompts)
         self.on_batch: Callable[[int], None] | None = None  # told the prompts of each finished batch
         self.reference_logprobs = self._logprobs()
@@ -125,18 +129,42 @@ class Evaluator:
         return sum(self.detector(response) for response in self.responses(stop_early))
 
     def kl(self) -> float:
-        """Mean KL(original || current) of the first response token over the harmless eval prompts."""
+        """Mean KL(original || current) over the harmless eval prompts: of the first response token,
+        or with `kl_tokens` N of each of the first N tokens of the original's own greedy answer
+        (teacher-forced: one forward pass), averaged over every such token."""
         divergence = kl_divergence(self.reference_logprobs, self._logprobs()).mean().item()
         if not math.isfinite(divergence):
             raise NumericalFault(f"KL divergence is {divergence}")
         return divergence
 
     def _logprobs(self) -> torch.Tensor:
+        """(scored positions, vocab): the distributions at every position that counts, in order."""
         parts = []
-        for batch in self.harmless_batches:
-            parts.append(in_halves_on_oom(self.model.next_token_logprobs, batch))
+        for batch, positions in zip(self.harmless_batches, self.kl_positions, strict=True):
+            logprobs = in_halves_on_oom(lambda b: self.model.response_logprobs(b, self.kl_tokens), batch)
+            parts.append(logprobs[positions])
             self._batch_done(batch)
         return torch.cat(parts)
+
+    def _teacher_forced(self, batches: list[Batch], kl_tokens: int) -> tuple[list[Batch], list[torch.Tensor]]:
+        """Each harmless prompt followed by the first `kl_tokens - 1` tokens of the original's greedy
+        answer, and which of the `kl_tokens` predicted positions count (none past the answer's end)."""
+        if kl_tokens == 1:  # the first response token: the prompt alone
+            return batches, [
+                torch.ones(len(b["input_ids"]), 1, dtype=torch.bool, device=b["input_ids"].device)
+                for b in batches
+            ]
+        forced, positions = [], []
+        for batch in batches:
+            answers, valid = self.model.answer_ids(batch, kl_tokens)
+            forced.append(
+                {
+                    "input_ids": torch.cat([batch["input_ids"], answers[:, :-1]], dim=1),
+                    "attention_mask": torch.cat([batch["attention_mask"], valid[:, :-1].long()], dim=1),
+                }
+            )
+            positions.append(valid)
+        return forced, positions
 
     def _batch_done(self, batch: Batch) -> None:
         if self.on_batch is not None:

@@ -183,10 +183,31 @@ class ChatModel:
     # -- passes ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def next_token_logprobs(self, batch: Batch) -> torch.Tensor:
-        """Log-probabilities of the first response token, (batch, vocab), float32."""
-        logits = self.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1, :]
+    def response_logprobs(self, batch: Batch, positions: int) -> torch.Tensor:
+        """Log-probabilities predicted at the last `positions` positions, (batch, positions, vocab), float32.
+
+        For a prompt followed by the first `positions - 1` tokens of an answer (teacher forcing),
+        these are the distributions of the answer's first `positions` tokens.
+        """
+        logits = self.model(**batch, use_cache=False, logits_to_keep=positions).logits[:, -positions:, :]
         return torch.log_softmax(logits.float(), dim=-1)
+
+    @torch.inference_mode()
+    def answer_ids(self, batch: Batch, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy answers as token ids, (batch, max_new_tokens), and which of them are the answer:
+        each ends with its end-of-sequence token, and what follows it (or was never generated) is not."""
+        prompt_length = batch["input_ids"].shape[1]
+        output = self.model.generate(**batch, generation_config=self._greedy_config(max_new_tokens))
+        answers = output[:, prompt_length:]
+        missing = max_new_tokens - answers.shape[1]  # every row stopped early
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        answers = torch.nn.functional.pad(answers, (0, missing), value=pad)
+        ends = self._greedy_config(1).eos_token_id
+        ends = torch.tensor(ends if isinstance(ends, list) else [ends], device=answers.device)
+        is_end = torch.isin(answers, ends)
+        valid = (torch.cumsum(is_end.long(), dim=1) - is_end.long()) == 0  # up to and with the first end
+        valid[:, answers.shape[1] - missing :] = False
+        return answers, valid
 
     @torch.inference_mode()
     def last_token_residuals(self, batch: Batch, layers: Sequence[nn.Module]) -> torch.Tensor:

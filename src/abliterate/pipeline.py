@@ -291,6 +291,7 @@ def prepare(settings: Settings, console: Console) -> Session:
         detector,
         batch_size,
         settings.max_response_length,
+        settings.kl_tokens,
     )
     if not counted:
         baseline = count_baseline(evaluator, settings.compile, console)
@@ -323,6 +324,7 @@ def scoring(
         "--harmless-eval": digest(prompts["harmless_eval"]),
         "--refusal-markers": digest(list(detector.markers)),
         "--max-response-length": str(settings.max_response_length),
+        "--kl-tokens": str(settings.kl_tokens),
         "--system-prompt": settings.system_prompt or "",
         "--enable-thinking": str(settings.enable_thinking).lower(),
         "chat template": digest([str(model.tokenizer.chat_template)]),

@@ -105,6 +105,13 @@ class Settings(BaseSettings):
     # -- evaluation -------------------------------------------------------------------------
     batch_size: int = Field(0, ge=0, description="prompts per batch; 0 = choose from free memory")
     max_response_length: int = Field(64, gt=0, description="new tokens generated when counting refusals")
+    kl_tokens: int = Field(
+        1,
+        gt=0,
+        description="KL over the first N tokens of the original model's own greedy answers to the harmless "
+        "prompts (teacher-forced, one forward pass) instead of the first response token alone",
+        json_schema_extra={"metavar": "N"},
+    )
 
     compile: CompileMode = Field(
         "auto",
