@@ -26,6 +26,7 @@ from abliterate.study import (
     plan_warm_starts,
     run_study,
     startup_trials,
+    startup_trials_in_time,
 )
 
 
@@ -268,6 +269,34 @@ def test_a_journal_file_in_a_new_folder_is_created(tmp_path):
 @pytest.mark.parametrize(("n_trials", "given", "expected"), [(40, None, 15), (10, None, 10), (100, None, 30), (200, None, 60), (1000, None, 60), (40, 3, 3), (40, 0, 0)])  # fmt: skip
 def test_start_up_trials_scale_with_the_study_unless_given(n_trials, given, expected):
     assert startup_trials(n_trials, given) == expected
+
+
+@pytest.mark.parametrize(
+    ("finished", "seconds_left", "expected"),
+    [(3, 300.0, 15), (0, 3600.0, 60), (5, 10.0, 6), (2, 0.0, 2), (150, 1e6, 60)],
+)  # fmt: skip
+def test_under_a_time_budget_start_up_trials_fit_the_trials_expected_in_time(
+    finished, seconds_left, expected
+):
+    # 10 s a trial, --n-trials 200: the 60 random trials of a 200-trial study only when 200 fit.
+    assert startup_trials_in_time(200, finished, seconds_left, seconds_per_trial=10.0) == expected
+
+
+def test_the_samplers_start_up_trials_can_be_resized_while_it_runs(tmp_path):
+    space = SearchSpace(num_layers=8)
+
+    def draws(start_up: int | None) -> list[dict]:
+        study = open_study(open_storage(f"sqlite:///{tmp_path / f'{start_up}.db'}"), "s", 0, 60, "m")
+        if start_up is not None:
+            study.sampler.n_startup_trials = start_up
+            assert study.sampler.n_startup_trials == start_up
+        drawn: list[dict] = []
+        study.optimize(lambda trial: (drawn.append(space.sample(trial)), (len(drawn), 0.1))[1], n_trials=4)
+        return drawn
+
+    random_only, resized = draws(None), draws(2)
+    # The same seeded random start-up trials; then TPE's model draws where the sampler resized to 2.
+    assert resized[:2] == random_only[:2] and resized[2:] != random_only[2:]
 
 
 def test_warm_starts_are_planned_once_and_only_in_a_new_study(tmp_path):

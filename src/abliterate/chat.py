@@ -48,7 +48,7 @@ class Chat:
         elif line == "/original":
             self.switch()
         elif line.startswith("/"):
-            self.console.print(f"unknown command {line}; {HELP}")
+            self.console.print(f"unknown command {line}; {HELP}", markup=False)
         else:
             self.history.append({"role": "user", "content": line})
             self.history.append({"role": "assistant", "content": self.reply()})

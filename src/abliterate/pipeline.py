@@ -61,6 +61,7 @@ from abliterate.study import (
     plan_warm_starts,
     run_study,
     startup_trials,
+    startup_trials_in_time,
 )
 from abliterate.terminal import (
     ask_selection,
@@ -443,12 +444,15 @@ def search(session: Session, console: Console) -> None:
             if trial.state == optuna.trial.TrialState.FAIL and "fail_reason" in trial.user_attrs:
                 console.print(f"trial {trial.number:>4}: failed, {trial.user_attrs['fail_reason']}")
             finished = finished_trials(study)
+            seconds_per_trial = mean_trial_seconds(finished)
             progress.update(
-                task,
-                completed=min(len(finished), settings.n_trials),
-                seconds_per_trial=mean_trial_seconds(finished),
+                task, completed=min(len(finished), settings.n_trials), seconds_per_trial=seconds_per_trial
             )
             progress.reset(trial_task)
+            if session.deadline is not None and settings.n_startup_trials is None and seconds_per_trial:
+                study.sampler.n_startup_trials = startup_trials_in_time(
+                    settings.n_trials, len(finished), session.deadline - time.monotonic(), seconds_per_trial
+                )
 
         try:
             run_study(

@@ -168,6 +168,15 @@ class TrialSeededSampler(optuna.samplers.TPESampler):
         self._rng.rng.seed(trial_seed)  # TPE's own draws
         self._random_sampler._rng.rng.seed(trial_seed)  # the start-up trials' draws
 
+    @property
+    def n_startup_trials(self) -> int:
+        return self._n_startup_trials
+
+    @n_startup_trials.setter
+    def n_startup_trials(self, count: int) -> None:
+        """Resized while a study runs under a time budget (see `startup_trials_in_time`)."""
+        self._n_startup_trials = count
+
     def _warm_start(self, trial: FrozenTrial) -> dict | None:
         return self.warm_starts[trial.number] if trial.number < len(self.warm_starts) else None
 
@@ -221,6 +230,19 @@ def startup_trials(n_trials: int, n_startup_trials: int | None) -> int:
     if n_startup_trials is not None:
         return n_startup_trials
     return min(n_trials, 60, max(15, round(0.3 * n_trials)))
+
+
+def startup_trials_in_time(
+    n_trials: int, finished: int, seconds_left: float, seconds_per_trial: float
+) -> int:
+    """Start-up trials for a study that a time budget will end: as `startup_trials` would give a study
+    of the trials expected to finish in time (never more than `n_trials`).
+
+    Sized from `n_trials` alone, a 30-minute study of the default 200 trials would draw 60 at random,
+    which may be every trial it has time for.
+    """
+    expected = finished + max(0, int(seconds_left / max(seconds_per_trial, 1e-9)))
+    return startup_trials(min(n_trials, max(expected, 1)), None)
 
 
 def plan_warm_starts(study: optuna.Study, starts: list[dict]) -> None:
