@@ -38,6 +38,7 @@ from pathlib import Path
 import optuna
 import torch
 import transformers
+from floor import Device, Floor, measure_device, trial_floor, workload_of
 
 from abliterate.evaluate import default_refusal_markers
 from abliterate.model import demo_model_path
@@ -181,6 +182,24 @@ def run_heretic(model: Path, workdir: Path, args) -> list[dict]:
     return rows
 
 
+def model_floor(folder: Path, args, device: Device) -> Floor:
+    """The floor of one trial of this model (see floor.py): its parameters counted on the meta device."""
+    config = transformers.AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    harmful = (PROMPTS / "harmful_eval.txt").read_text().splitlines()[:100]
+    messages = [
+        [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": p}] for p in harmful
+    ]
+    lengths = [
+        len(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True)) for m in messages
+    ]
+    work = workload_of(model, round(statistics.mean(lengths)), len(harmful), len(harmful), args.max_response_length,
+                       args.batch_size)  # fmt: skip
+    return trial_floor(work, device)
+
+
 def summary(rows: list[dict], skip_first: bool) -> dict[str, float]:
     rows = rows[1:] if skip_first and len(rows) > 1 else rows  # the first trial also warms up kernels
     return {
@@ -209,9 +228,14 @@ def main() -> None:
     )
     print(f"settings: {args.trials} trials, batch {args.batch_size}, {args.max_response_length} new tokens, bf16, "
           "400+400 train / 100+100 eval prompts")  # fmt: skip
-    results = {}
+    device = measure_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    print(
+        f"measured: {device.bandwidth / 1e9:.0f} GB/s copy bandwidth, {device.matmul_flops / 1e12:.0f} TFLOP/s bf16 matmul"
+    )
+    results, floors = {}, {}
     for name in args.models.split(","):
         model = prepare_model(name, args.workdir)
+        floors[name] = model_floor(model, args, device)
         for tool in args.tools.split(","):
             started = time.perf_counter()
             with PeakDeviceMemory() as memory:
@@ -230,13 +254,24 @@ def main() -> None:
     print(
         "\nmedian per trial (first trial excluded), seconds; peak GPU memory and wall time of the whole run:"
     )
-    print("| model | tool | reset | edit | refusal generation | KL | trial total | x ours | peak GPU | run |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| model | tool | reset | edit | refusal generation | KL | trial total | x ours | x floor | peak GPU | run |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (name, tool), row in results.items():
         ours = results.get((name, "ours"))
         ratio = f"{row['total'] / ours['total']:.2f}x" if ours and tool != "ours" else ""
         print(f"| {name} | {tool} | {row['reset']:.4f} | {row['edit']:.4f} | {row['refusals']:.3f} | {row['kl']:.3f} | "
-              f"{row['total']:.3f} | {ratio} | {row['peak_gib']:.1f} GiB | {row['wall']:.0f} s |")  # fmt: skip
+              f"{row['total']:.3f} | {ratio} | {row['total'] / floors[name].total:.1f}x | {row['peak_gib']:.1f} GiB | "
+              f"{row['wall']:.0f} s |")  # fmt: skip
+    print(
+        "\nthe floor of a trial (benchmarks/floor.py: decode steps x weight bytes / bandwidth, plus prefill and KL"
+    )
+    print("FLOPs, 2 x parameters x prompt tokens, / matmul throughput), seconds:")
+    print("| model | decode | prefill | KL | floor |")
+    print("|---|---|---|---|---|")
+    for name, floor in floors.items():
+        print(f"| {name} | {floor.decode:.4f} | {floor.prefill:.4f} | {floor.kl:.4f} | {floor.total:.4f} |")
 
 
 if __name__ == "__main__":
