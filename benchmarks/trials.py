@@ -116,13 +116,16 @@ OUR_FLAGS = {
 
 
 def run_ours(model: Path, workdir: Path, args, tool: str = "ours") -> list[dict]:
+    # Every trial generates (--skip-dominated false): random weights never refuse, so after the first
+    # trial without refusals every trial would skip its generation and time nothing.
     output = workdir / f"{tool}-{model.name}"
     shutil.rmtree(output, ignore_errors=True)
     command = [
         sys.executable, "-m", "abliterate", "--model", str(model), "--output", str(output),
         "--dtypes", "bfloat16", "--batch-size", str(args.batch_size), "--max-response-length", str(args.max_response_length),
         "--n-trials", str(args.trials), "--n-startup-trials", str(args.trials), "--seed", "0",
-        "--system-prompt", SYSTEM_PROMPT, "--row-norm", "none", "--select", "none", *OUR_FLAGS[tool],
+        "--system-prompt", SYSTEM_PROMPT, "--row-norm", "none", "--select", "none", "--skip-dominated", "false",
+        *OUR_FLAGS[tool],
     ]  # fmt: skip
     subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
     storage = f"sqlite:///{output / 'study.db'}"

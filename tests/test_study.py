@@ -403,6 +403,21 @@ def test_refusals_are_not_counted_for_a_trial_at_least_as_far_as_one_without_ref
     assert {trial.number for trial in pareto_front(study)} == {0, 1, 4}
 
 
+def test_every_trials_refusals_are_counted_when_asked():
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    evaluator = CountingEvaluator([(3, 0.05), (0, 0.2), (1, 0.3)])
+    directions = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    objective = Objective(
+        FakeEditor(), evaluator, directions, SearchSpace(4), "none", baseline_refusals=9, skip_dominated=False
+    )
+    run_study(study, objective, n_trials=3)
+    assert evaluator.counted == 3 and [tuple(t.values) for t in study.trials] == [
+        (3, 0.05),
+        (0, 0.2),
+        (1, 0.3),
+    ]
+
+
 def test_no_trial_starts_after_the_deadline():
     study = optuna.create_study(directions=["minimize", "minimize"])
     objective, _ = objective_with([(5, 0.1), (3, 0.2)])

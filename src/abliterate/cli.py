@@ -29,7 +29,7 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "prompts and scoring": (*PROMPT_SETS, "refusal_markers", "max_response_length", "kl_tokens"),
     "search": (
-        "n_trials", "time_budget", "n_startup_trials", "warm_starts", "search_space", "seed",
+        "n_trials", "time_budget", "n_startup_trials", "warm_starts", "skip_dominated", "search_space", "seed",
         "direction_scope", "direction", "row_norm",
     ),
     "weight reset between trials": ("reset", "cache_weights", "verify_restore"),

@@ -428,6 +428,7 @@ def search(session: Session, console: Console) -> None:
         settings.row_norm,
         report,
         baseline_refusals=stored.baseline_refusals,
+        skip_dominated=settings.skip_dominated,
     )
     with progress_bars(console) as progress:
         task = progress.add_task(

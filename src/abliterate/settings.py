@@ -136,6 +136,11 @@ class Settings(BaseSettings):
         description="random trials before TPE takes over; default: 0.3 x --n-trials, between 15 and 60",
         json_schema_extra={"metavar": "N"},
     )
+    skip_dominated: bool = Field(
+        True,
+        description="skip counting the refusals of a trial whose KL is at least that of a trial without "
+        "refusals (it cannot reach the front); false counts every trial's, for timings or analysis",
+    )
     warm_starts: bool = Field(
         True,
         description="begin a new study with classic edits (one direction, weight 1 on every layer)",

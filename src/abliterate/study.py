@@ -46,8 +46,10 @@ class Objective:
         row_norm: str,
         on_scores: Callable[[optuna.Trial, Scores], None] | None = None,
         baseline_refusals: int = 0,
+        skip_dominated: bool = True,
     ):
         self.editor = editor
+        self.skip_dominated = skip_dominated  # False: count every trial's refusals (timings, analysis)
         self.baseline_refusals = baseline_refusals  # what a trial whose refusals were not counted scores
         self.evaluator = evaluator
         self.directions = directions
@@ -69,7 +71,8 @@ class Objective:
         timer = PhaseTimer()
         try:
             with self.interruptible():
-                scores = self.evaluate(edits, timer, dominating_kl(live))
+                skip_from = dominating_kl(live) if self.skip_dominated else math.inf
+                scores = self.evaluate(edits, timer, skip_from)
         except NumericalFault as fault:
             trial.set_user_attr("fail_reason", str(fault))
             raise
