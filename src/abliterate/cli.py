@@ -8,6 +8,7 @@ mistake ends as one line on stderr with a non-zero exit code; `--debug` shows th
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import typing
@@ -234,18 +235,14 @@ def chat(argv: list[str]) -> int:
     quiet_libraries()
     console = Console(highlight=False)
     original = original or source_of_saved_model(Path(folder))
-    loaded: dict = {}
 
-    def load(source: str | None):
-        def ready():
-            if source not in loaded:
-                console.print(f"loading {source or 'the built-in demo model'}")
-                loaded[source] = load_for_scoring(source, settings)
-            return loaded[source]
+    @functools.cache  # each model loads once, when first asked for
+    def loaded(source: str):
+        console.print(f"loading {source}")
+        return load_for_scoring(source, settings)
 
-        return ready
-
-    chat_loop(Chat(load(folder), load(original) if original else None, console, max_new_tokens))
+    the_original = (lambda: loaded(original)) if original else None
+    chat_loop(Chat(lambda: loaded(folder), the_original, console, max_new_tokens))
     return 0
 
 
