@@ -233,3 +233,15 @@ def save_tiny_gguf(path: Path) -> transformers.PreTrainedModel:
     writer.write_tensors_to_file()
     writer.close()
     return model
+
+
+# A study of a tiny model in seconds: a few prompts, a few tokens.
+TINY_PROMPTS = [
+    "--harmful-train-split", "train[:8]", "--harmless-train-split", "train[:8]",
+    "--harmful-eval-split", "eval[:4]", "--harmless-eval-split", "eval[:4]", "--max-response-length", "4",
+]  # fmt: skip
+
+
+def tiny_study(trials: int) -> list[str]:
+    """Flags of a study of `trials` random trials over `TINY_PROMPTS`."""
+    return [*TINY_PROMPTS, "--n-startup-trials", str(trials), "--n-trials", str(trials)]

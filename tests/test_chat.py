@@ -6,18 +6,14 @@ import io
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_model
+from conftest import save_tiny_model, tiny_study
 from rich.console import Console
 
 from abliterate.chat import Chat, chat_loop
 from abliterate.cli import main
 from abliterate.model import load_chat_model
 
-FAST = [
-    "--harmful-train-split", "train[:8]", "--harmless-train-split", "train[:8]",
-    "--harmful-eval-split", "eval[:4]", "--harmless-eval-split", "eval[:4]",
-    "--max-response-length", "4", "--n-startup-trials", "2", "--n-trials", "2",
-]  # fmt: skip
+FAST = tiny_study(2)
 
 
 @pytest.fixture

@@ -8,16 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import save_tiny_gguf, tiny_tokenizer
+from conftest import save_tiny_gguf, tiny_study, tiny_tokenizer
 
 from abliterate.cli import main
 from abliterate.model import load_chat_model, model_name
 
-FAST = [
-    "--harmful-train-split", "train[:8]", "--harmless-train-split", "train[:8]",
-    "--harmful-eval-split", "eval[:4]", "--harmless-eval-split", "eval[:4]",
-    "--max-response-length", "4", "--n-startup-trials", "3", "--n-trials", "3",
-]  # fmt: skip
+FAST = tiny_study(3)
 
 
 @pytest.fixture(scope="module")

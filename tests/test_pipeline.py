@@ -12,7 +12,7 @@ import optuna
 import pytest
 import torch
 import transformers
-from conftest import save_tiny_model, tiny_model, tiny_tokenizer
+from conftest import save_tiny_model, tiny_model, tiny_study, tiny_tokenizer
 
 from abliterate.cli import main
 from abliterate.export import ModelCard, clean_partials
@@ -20,11 +20,7 @@ from abliterate.model import ChatModel, left_pad, load_chat_model
 from abliterate.settings import Selection
 from abliterate.terminal import ask_selection, direction_cell
 
-FAST = [
-    "--harmful-train-split", "train[:8]", "--harmless-train-split", "train[:8]",
-    "--harmful-eval-split", "eval[:4]", "--harmless-eval-split", "eval[:4]",
-    "--max-response-length", "4", "--n-startup-trials", "2", "--n-trials", "2",
-]  # fmt: skip
+FAST = tiny_study(2)
 
 
 @pytest.fixture

@@ -8,16 +8,12 @@ import re
 from pathlib import Path
 
 import optuna
-from conftest import save_tiny_model
+from conftest import save_tiny_model, tiny_study
 
 from abliterate.cli import main
 from abliterate.report import load_samples
 
-FAST = [
-    "--harmful-train-split", "train[:8]", "--harmless-train-split", "train[:8]",
-    "--harmful-eval-split", "eval[:4]", "--harmless-eval-split", "eval[:4]",
-    "--max-response-length", "4", "--n-startup-trials", "3", "--n-trials", "3",
-]  # fmt: skip
+FAST = tiny_study(3)
 
 
 def test_a_study_writes_its_report_with_the_front_and_sample_answers(tmp_path: Path, monkeypatch, capsys):

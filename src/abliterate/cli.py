@@ -228,7 +228,7 @@ def chat(argv: list[str]) -> int:
     from rich.console import Console
 
     from abliterate.chat import Chat, chat_loop
-    from abliterate.compare import load_for_scoring
+    from abliterate.evaluate import load_for_scoring
     from abliterate.export import source_of_saved_model
     from abliterate.pipeline import quiet_libraries
 

@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from abliterate.errors import UserError
-from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers
+from abliterate.evaluate import Evaluator, eval_batch_size, load_for_scoring, refusal_detector
 from abliterate.export import write_file_atomically
-from abliterate.model import ChatModel, load_chat_model, model_name
+from abliterate.model import model_name
 from abliterate.prompts import load_prompts
 from abliterate.settings import Settings
 
@@ -50,15 +50,8 @@ def evaluate_model(settings: Settings, original: str, console: Console) -> Evalu
     harmless = load_prompts(settings.harmless_eval, "--harmless-eval")
     console.print(f"loading the original, {original}")
     reference = load_for_scoring(original, settings)
-    detector = RefusalDetector(
-        settings.refusal_markers or default_refusal_markers(),
-        reference.thinking_markers,
-        reference.prompt_opens_thinking,
-    )
-    batch_size = settings.batch_size or reference.auto_batch_size(
-        max(len(reference.tokenizer(reference.format(p)).input_ids) for p in harmful),
-        settings.max_response_length,
-    )
+    detector = refusal_detector(settings, reference)
+    batch_size = eval_batch_size(settings, reference, harmful)
     # Both models read the prompts as the original's tokenizer and template write them, as in a study.
     evaluator = Evaluator(
         reference, harmful, harmless, detector, batch_size, settings.max_response_length, settings.kl_tokens
@@ -89,20 +82,6 @@ def evaluate_model(settings: Settings, original: str, console: Console) -> Evalu
         max_response_length=settings.max_response_length,
         kl_tokens=settings.kl_tokens,
         system_prompt=settings.system_prompt,
-    )
-
-
-def load_for_scoring(source: str | None, settings: Settings) -> ChatModel:
-    """A model loaded as `settings` say (dtypes, devices, template, system prompt, thinking)."""
-    return load_chat_model(
-        source,
-        dtypes=settings.dtypes,
-        device_map=settings.device_map,
-        quantization=settings.quantization,
-        trust_remote_code=settings.trust_remote_code,
-        chat_template=settings.chat_template,
-        system_prompt=settings.system_prompt,
-        enable_thinking=settings.enable_thinking,
     )
 
 

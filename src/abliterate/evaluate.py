@@ -16,7 +16,8 @@ from importlib import resources
 import torch
 
 from abliterate.errors import UserError
-from abliterate.model import Batch, ChatModel, in_halves_on_oom
+from abliterate.model import Batch, ChatModel, in_halves_on_oom, load_chat_model
+from abliterate.settings import Settings
 
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
 
@@ -81,6 +82,38 @@ class Scores:
     refusals_counted: bool = True
 
 
+def load_for_scoring(source: str | None, settings: Settings) -> ChatModel:
+    """A model loaded as `settings` say (dtypes, devices, template, system prompt, thinking): how a
+    study and `abliterate evaluate` both load what they score."""
+    return load_chat_model(
+        source,
+        dtypes=settings.dtypes,
+        device_map=settings.device_map,
+        quantization=settings.quantization,
+        trust_remote_code=settings.trust_remote_code,
+        chat_template=settings.chat_template,
+        system_prompt=settings.system_prompt,
+        enable_thinking=settings.enable_thinking,
+    )
+
+
+def refusal_detector(settings: Settings, model: ChatModel) -> RefusalDetector:
+    """The settings' markers (or the shipped list), past the model's thinking block if it has one."""
+    return RefusalDetector(
+        settings.refusal_markers or default_refusal_markers(),
+        model.thinking_markers,
+        model.prompt_opens_thinking,
+    )
+
+
+def eval_batch_size(settings: Settings, model: ChatModel, harmful_prompts: Sequence[str]) -> int:
+    """`--batch-size`, or one from free memory for the longest harmful prompt and its response."""
+    return settings.batch_size or model.auto_batch_size(
+        max(len(model.tokenizer(model.format(prompt)).input_ids) for prompt in harmful_prompts),
+        settings.max_response_length,
+    )
+
+
 class NumericalFault(RuntimeError):
     """NaN or inf where a number was expected: the trial is failed, the study goes on."""
 
@@ -142,7 +175,8 @@ class Evaluator:
         parts = []
         for batch, positions in zip(self.harmless_batches, self.kl_positions, strict=True):
             logprobs = in_halves_on_oom(lambda b: self.model.response_logprobs(b, self.kl_tokens), batch)
-            parts.append(logprobs[positions])
+            # One position a prompt: a view, no copy of (prompts, vocabulary) in every trial.
+            parts.append(logprobs[:, 0] if self.kl_tokens == 1 else logprobs[positions])
             self._batch_done(batch)
         return torch.cat(parts)
 

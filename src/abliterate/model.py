@@ -146,14 +146,20 @@ class ChatModel:
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         """Generated tokens as text, without special tokens but for thinking markers (models that
         make them special tokens would otherwise lose where their answer begins)."""
-        markers = set(self.thinking_markers or ())
-        special = set(self.tokenizer.all_special_tokens)
-        if not markers & special:
+        if self._special_tokens_to_strip is None:
             return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
         texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=False)
-        for token in special - markers:
+        for token in self._special_tokens_to_strip:
             texts = [text.replace(token, "") for text in texts]
         return texts
+
+    @functools.cached_property
+    def _special_tokens_to_strip(self) -> set[str] | None:
+        """None when the tokenizer may drop every special token; else those to drop by hand. Known
+        once: `decode` runs at every generation step."""
+        markers = set(self.thinking_markers or ())
+        special = set(self.tokenizer.all_special_tokens)
+        return special - markers if markers & special else None
 
     def encode(self, prompts: Sequence[str], batch_size: int, common_length: bool = False) -> list[Batch]:
         """Tokenize once into left-padded batches on the input device, in the order given.

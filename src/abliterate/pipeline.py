@@ -28,7 +28,13 @@ from abliterate.chat import Chat, chat_loop
 from abliterate.compiled import count_baseline, pin_decoder, use_compiled_generation
 from abliterate.components import EditableModel, find_components
 from abliterate.directions import capture_residuals, refusal_directions
-from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers
+from abliterate.evaluate import (
+    Evaluator,
+    RefusalDetector,
+    eval_batch_size,
+    load_for_scoring,
+    refusal_detector,
+)
 from abliterate.export import (
     ModelCard,
     check_upload,
@@ -42,7 +48,6 @@ from abliterate.model import (
     DEMO_MODEL_NAME,
     ChatModel,
     gguf_file_of,
-    load_chat_model,
     local_folder,
     model_name,
 )
@@ -232,21 +237,8 @@ def prepare(settings: Settings, console: Console) -> Session:
         for name in ("harmful_train", "harmless_train", "harmful_eval", "harmless_eval")
     }
     console.print(f"loading {settings.model or 'the built-in demo model'}")
-    model = load_chat_model(
-        settings.model,
-        dtypes=settings.dtypes,
-        device_map=settings.device_map,
-        quantization=settings.quantization,
-        trust_remote_code=settings.trust_remote_code,
-        chat_template=settings.chat_template,
-        system_prompt=settings.system_prompt,
-        enable_thinking=settings.enable_thinking,
-    )
-    detector = RefusalDetector(
-        settings.refusal_markers or default_refusal_markers(),
-        model.thinking_markers,
-        model.prompt_opens_thinking,
-    )
+    model = load_for_scoring(settings.model, settings)
+    detector = refusal_detector(settings, model)
     if model.thinking_markers:
         console.print(
             f"thinking blocks ({' ... '.join(model.thinking_markers)}) are skipped when counting refusals"
@@ -264,10 +256,7 @@ def prepare(settings: Settings, console: Console) -> Session:
     )
     pin_scoring(study, scoring(settings, model, prompts, detector))
 
-    batch_size = settings.batch_size or model.auto_batch_size(
-        max(len(model.tokenizer(model.format(p)).input_ids) for p in prompts["harmful_eval"]),
-        settings.max_response_length,
-    )
+    batch_size = eval_batch_size(settings, model, prompts["harmful_eval"])
     console.print(
         f"{model.name}: {editable.num_layers} layers, dtype {str(model.dtype).removeprefix('torch.')}, batch size {batch_size}"
     )
@@ -487,13 +476,14 @@ def apply_trial(session: Session, trial) -> None:
 
 
 def export(session: Session, trial, command: str) -> Path:
+    stored = StudyData(session.study)
     card = ModelCard(
         source_model=session.model.source if session.model.name != DEMO_MODEL_NAME else DEMO_MODEL_NAME,
         trial=trial.number,
         params=dict(trial.params),
         refusals=int(trial.values[0]),
-        eval_prompts=StudyData(session.study).eval_prompts,
-        baseline_refusals=StudyData(session.study).baseline_refusals,
+        eval_prompts=stored.eval_prompts,
+        baseline_refusals=stored.baseline_refusals,
         kl=float(trial.values[1]),
         command=command,
         hub_id=session.model.hub_id,

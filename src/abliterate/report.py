@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import statistics
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,10 +108,9 @@ def pareto_plot(
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
         figure.tight_layout()
-        with tempfile.SpooledTemporaryFile() as buffer:
-            figure.savefig(buffer, format="png")
-            buffer.seek(0)
-            return buffer.read()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        return buffer.getvalue()
     finally:
         pyplot.close(figure)
 
@@ -196,7 +195,7 @@ def _parameter_rows(trial: FrozenTrial) -> list[list[str]]:
 
 
 def _table(header: list[str], rows: list[list[str]], escape: bool = True) -> str:
-    cells = (lambda text: _e(text)) if escape else (lambda text: text)
+    cells = _e if escape else str
     head = "".join(f"<th>{_e(column)}</th>" for column in header)
     body = "".join("<tr>" + "".join(f"<td>{cells(cell)}</td>" for cell in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"

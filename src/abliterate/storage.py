@@ -106,6 +106,11 @@ class StudyData:
         self._study.set_user_attr(self.N_TRIALS, count)
 
     @property
+    def has_directions(self) -> bool:
+        """Whether the directions are stored, without decoding them (a waiting worker polls this)."""
+        return self._get(self.DIRECTIONS, "directions") is not None
+
+    @property
     def directions(self) -> torch.Tensor | None:
         stored = self._get(self.DIRECTIONS, "directions")
         if stored is None:

@@ -96,7 +96,7 @@ def _wait_for_directions(
         try:
             study = optuna.load_study(study_name=study_name, storage=storage)
             stored = StudyData(study)
-            if stored.directions is not None and stored.baseline_refusals is not None:
+            if stored.has_directions and stored.baseline_refusals is not None:
                 return
         except KeyError:  # the study does not exist yet
             pass
