@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from abliterate.ablation import ablate_
 from abliterate.components import find_components
 from abliterate.directions import capture_residuals, directions_at, refusal_directions
-from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers
+from abliterate.evaluate import Evaluator
+from abliterate.judge import RefusalDetector, default_refusal_markers
 from abliterate.model import load_chat_model
 from abliterate.prompts import load_prompts
 from abliterate.settings import PromptSet

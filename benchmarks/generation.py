@@ -27,7 +27,7 @@ import torch
 import transformers
 
 from abliterate.components import find_components
-from abliterate.evaluate import RefusalDetector, default_refusal_markers
+from abliterate.judge import RefusalDetector, default_refusal_markers
 from abliterate.model import ChatModel, demo_model_path, left_pad
 from abliterate.prompts import load_prompts
 from abliterate.reset import LayerCache

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from abliterate.evaluate import RefusalDetector, default_refusal_markers  # noqa: E402
+from abliterate.judge import RefusalDetector, default_refusal_markers  # noqa: E402
 from abliterate.prompts import load_prompts  # noqa: E402
 from abliterate.settings import PromptSet  # noqa: E402
 

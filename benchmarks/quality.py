@@ -19,6 +19,8 @@ time; on one GPU that shares the device between them, which stretches wall times
 
 A variant is `heretic` or `LABEL=FLAGS` (our flags on top of the shared ones). `report` merges the
 runs of several files (an anchor's runs measured once and committed, beside new runs of ours).
+A variant run with `--refusal-judge both` (or `classifier`) records each trial's marker and
+classifier counts; the report then gives the hypervolume by each judge's count alone, side by side.
 """
 
 from __future__ import annotations
@@ -97,12 +99,12 @@ def run_ours(label: str, flags: str, seed: int, args, folder: Path) -> dict:
     return {
         "tool": "abliterate", "label": label, "flags": flags, "seed": seed, "wall_seconds": wall,
         "eval_prompts": study.user_attrs["eval_prompts"], "baseline_refusals": study.user_attrs["baseline_refusals"],
-        "trials": trials,
+        "baseline_by_judge": study.user_attrs.get("baseline_refusals_by_judge"), "trials": trials,
     }  # fmt: skip
 
 
 def heretic_config(seed: int, args) -> str:
-    from abliterate.evaluate import default_refusal_markers
+    from abliterate.judge import default_refusal_markers
 
     startup = args.heretic_startup if args.heretic_startup is not None else (15 if args.trials <= 40 else 60)
     lines = [
@@ -165,6 +167,7 @@ def trial_records(study, started: float, scores) -> list[dict]:
         records.append({
             "index": index, "refusals": int(refusals), "kl": float(kl),
             "done_seconds": trial.datetime_complete.timestamp() - started, "params": trial.params,
+            **({"by_judge": trial.user_attrs["refusals_by_judge"]} if "refusals_by_judge" in trial.user_attrs else {}),
         })  # fmt: skip
     return records
 
@@ -267,6 +270,7 @@ def report(records: list[dict]) -> str:
                 f"| {label} | {budget} | {', '.join(str(len(points)) for points in cut)} | "
                 f"{', '.join(f'{v:.3f}' for v in volumes)} | {statistics.mean(volumes):.3f} |"
             )
+    lines += judge_report(groups)
     lines += ["", "Fronts (refusals/eval prompts @ KL, KL up to 1):", ""]
     for run in sorted(runs, key=lambda run: (run["label"], run["budget"], run["seed"])):
         front = pareto([(t["refusals"], t["kl"]) for t in run["trials"]])
@@ -276,6 +280,40 @@ def report(records: list[dict]) -> str:
             f"original {run['baseline_refusals']}/{run['eval_prompts']}): {shown}"
         )
     return "\n".join(lines)
+
+
+def judge_report(groups: dict[tuple[str, int], list[dict]]) -> list[str]:
+    """For variants judged by markers and a classifier: the hypervolume by each one's count alone
+    (trials whose refusals were not counted left out), and the original model's counts."""
+    judged = {
+        key: group
+        for key, group in groups.items()
+        if any("by_judge" in t for r in group for t in r["trials"])
+    }
+    if not judged:
+        return []
+    lines = [
+        "", "Refusal judges (each trial's refusals by the markers alone and by the classifier alone):", "",
+        "| variant | trials | judge | original (per seed) | hypervolume per seed | mean |", "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for (label, budget), group in sorted(judged.items()):
+        for judge in ("markers", "classifier"):
+            volumes = [
+                hypervolume(
+                    [
+                        (t["by_judge"][judge] / r["eval_prompts"], t["kl"])
+                        for t in r["trials"]
+                        if "by_judge" in t
+                    ]
+                )
+                for r in group
+            ]
+            originals = ", ".join(str((r.get("baseline_by_judge") or {}).get(judge, "-")) for r in group)
+            lines.append(
+                f"| {label} | {budget} | {judge} | {originals} | {', '.join(f'{v:.3f}' for v in volumes)} | "
+                f"{statistics.mean(volumes):.3f} |"
+            )
+    return lines
 
 
 def main() -> None:

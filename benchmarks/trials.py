@@ -40,7 +40,7 @@ import torch
 import transformers
 from floor import Device, Floor, measure_device, trial_floor, workload_of
 
-from abliterate.evaluate import default_refusal_markers
+from abliterate.judge import default_refusal_markers
 from abliterate.model import demo_model_path
 
 PROMPTS = Path(__file__).resolve().parents[1] / "src" / "abliterate" / "data" / "prompts"

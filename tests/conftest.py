@@ -245,3 +245,17 @@ TINY_PROMPTS = [
 def tiny_study(trials: int) -> list[str]:
     """Flags of a study of `trials` random trials over `TINY_PROMPTS`."""
     return [*TINY_PROMPTS, "--n-startup-trials", str(trials), "--n-trials", str(trials)]
+
+
+def demo_study(tmp_path: Path, *flags: str):
+    """A 4-trial study of the demo model with small prompt sets; the study, once finished."""
+    import optuna
+
+    from abliterate.cli import main
+
+    output = tmp_path / "out"
+    argv = ["--n-trials", "4", "--select", "none", "--output", str(output), "--max-response-length", "8",
+            "--harmful-train-split", "train[:64]", "--harmless-train-split", "train[:64]",
+            "--harmful-eval-split", "eval[:16]", "--harmless-eval-split", "eval[:16]", *flags]  # fmt: skip
+    assert main(argv) == 0
+    return optuna.load_study(study_name="abliterate-demo", storage=f"sqlite:///{output / 'study.db'}")

@@ -9,13 +9,15 @@ import optuna
 import pytest
 import torch
 import transformers
+from conftest import demo_study
 from safetensors.torch import load_file
 
 from abliterate.ablation import ablate_
 from abliterate.cli import main
 from abliterate.components import find_components
 from abliterate.directions import capture_residuals, refusal_directions
-from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers
+from abliterate.evaluate import Evaluator
+from abliterate.judge import RefusalDetector, default_refusal_markers
 from abliterate.model import demo_model_path, load_chat_model
 from abliterate.prompts import builtin_prompts
 from abliterate.space import SearchSpace
@@ -84,7 +86,7 @@ def test_fast_evaluation_matches_full_generation():
         builtin_prompts("harmful", "eval")[:60], builtin_prompts("harmless", "eval")[:20], max_length=48
     )
     full = score.responses(stop_early=False)
-    assert score.count_refusals(stop_early=True) == sum(score.detector(response) for response in full)
+    assert score.count_refusals(stop_early=True) == sum(score.judge.markers(response) for response in full)
     assert score.kl() == 0.0
 
 
@@ -122,16 +124,6 @@ def test_a_short_study_on_the_demo_model_removes_refusals(tmp_path, monkeypatch,
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
-
-
-def demo_study(tmp_path, *flags: str):
-    """A 4-trial study of the demo model with small prompt sets; the study, once finished."""
-    output = tmp_path / "out"
-    argv = ["--n-trials", "4", "--select", "none", "--output", str(output), "--max-response-length", "8",
-            "--harmful-train-split", "train[:64]", "--harmless-train-split", "train[:64]",
-            "--harmful-eval-split", "eval[:16]", "--harmless-eval-split", "eval[:16]", *flags]  # fmt: skip
-    assert main(argv) == 0
-    return optuna.load_study(study_name="abliterate-demo", storage=f"sqlite:///{output / 'study.db'}")
 
 
 @pytest.mark.parametrize("method", ["mean-difference", "projected", "search"])

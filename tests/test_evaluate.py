@@ -5,7 +5,8 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from abliterate.errors import UserError
-from abliterate.evaluate import Evaluator, RefusalDetector, default_refusal_markers, kl_divergence
+from abliterate.evaluate import Evaluator, kl_divergence
+from abliterate.judge import RefusalDetector, default_refusal_markers
 from abliterate.model import ChatModel, enable_compiled_generation
 
 

@@ -38,3 +38,16 @@ def test_a_run_can_be_cut_at_a_trial_count_or_a_time():
     assert quality.scaled_points(run) == [(0.5, 0.1), (0.0, 0.2)]
     assert quality.scaled_points(run, until_trial=1) == [(0.5, 0.1)]
     assert quality.scaled_points(run, until_seconds=15.0) == [(0.5, 0.1)]
+
+
+def test_the_report_gives_each_judges_hypervolume_side_by_side():
+    judged = {"index": 0, "refusals": 5, "kl": 0.5, "done_seconds": 1.0,
+              "by_judge": {"markers": 0, "classifier": 5, "disagreements": 5}}  # fmt: skip
+    skipped = {"index": 1, "refusals": 10, "kl": 0.9, "done_seconds": 2.0}  # refusals not counted
+    run = {"label": "both", "seed": 0, "eval_prompts": 10, "baseline_refusals": 10, "wall_seconds": 3.0,
+           "baseline_by_judge": {"markers": 9, "classifier": 10, "disagreements": 1}, "trials": [judged, skipped]}  # fmt: skip
+    text = quality.report(
+        [{"trials": 40, "date": "d", "device": "cpu", "model": "m", "command": "c", "runs": [run]}]
+    )
+    assert "| both | 40 | markers | 9 | 0.500 | 0.500 |" in text  # 0/10 refusals at KL 0.5
+    assert "| both | 40 | classifier | 10 | 0.250 | 0.250 |" in text  # 5/10 at KL 0.5

@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_model, tiny_tokenizer
 
 from abliterate.cli import main
-from abliterate.evaluate import RefusalDetector, visible_answer
+from abliterate.judge import RefusalDetector, visible_answer
 from abliterate.model import load_chat_model
 
 THINK = ("<think>", "</think>")

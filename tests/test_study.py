@@ -14,6 +14,7 @@ from sqlalchemy.exc import ProgrammingError
 
 from abliterate.errors import UserError
 from abliterate.evaluate import NumericalFault
+from abliterate.judge import RefusalCount
 from abliterate.select import finished_trial, knee, pareto_front, select_trial
 from abliterate.settings import Selection
 from abliterate.space import SearchSpace
@@ -115,8 +116,8 @@ class FakeEvaluator:
             raise NumericalFault("KL divergence is nan")
         return self.current[1]
 
-    def count_refusals(self):
-        return self.current[0]
+    def refusals(self):
+        return RefusalCount(total=self.current[0], markers=self.current[0])
 
 
 def objective_with(outcomes) -> tuple[Objective, FakeEditor]:
@@ -373,9 +374,9 @@ class CountingEvaluator(FakeEvaluator):
         super().__init__(outcomes)
         self.counted = 0
 
-    def count_refusals(self):
+    def refusals(self):
         self.counted += 1
-        return super().count_refusals()
+        return super().refusals()
 
 
 def test_refusals_are_not_counted_for_a_trial_at_least_as_far_as_one_without_refusals():

@@ -28,7 +28,9 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
         "model", "dtypes", "device_map", "quantization", "trust_remote_code", "chat_template", "system_prompt",
         "enable_thinking",
     ),
-    "prompts and scoring": (*PROMPT_SETS, "refusal_markers", "max_response_length", "kl_tokens"),
+    "prompts and scoring": (
+        *PROMPT_SETS, "refusal_markers", "refusal_judge", "refusal_classifier", "max_response_length", "kl_tokens",
+    ),
     "search": (
         "n_trials", "time_budget", "n_startup_trials", "warm_starts", "skip_dominated", "search_space", "seed",
         "direction_scope", "direction", "row_norm",
@@ -87,6 +89,16 @@ def build_parser(command: str = "study") -> argparse.ArgumentParser:
         parser.add_argument(
             "--json", type=Path, help="where to write the scores (default: ./evaluation-<model>.json)"
         )
+        tasks = parser.add_argument_group(
+            "capability benchmarks (lm-evaluation-harness: pip install lm-eval)"
+        )
+        tasks.add_argument(
+            "--tasks", metavar="TASK,...", help="lm-eval tasks to run on both models, e.g. mmlu,gsm8k"
+        )
+        tasks.add_argument(
+            "--task-path", type=Path, metavar="DIR", help="a folder of your own task YAML files"
+        )
+        tasks.add_argument("--task-limit", type=int, metavar="N", help="at most N examples of each task")
         _add_settings(parser, EVALUATE_GROUPS)
         return parser
     parser = _Parser(
@@ -203,17 +215,33 @@ def evaluate(argv: list[str]) -> int:
     """`abliterate evaluate`: print a model's refusals and KL beside its original's, and save them."""
     arguments = vars(build_parser("evaluate").parse_args(argv))
     original, json_path = arguments.pop("original"), arguments.pop("json")
+    task_names, task_path, task_limit = (arguments.pop(key) for key in ("tasks", "task_path", "task_limit"))
     settings = settings_from(arguments)
     from rich.console import Console
 
-    from abliterate.compare import default_json_path, evaluate_model, evaluation_table, write_json
+    from abliterate import compare
     from abliterate.pipeline import quiet_libraries
 
+    tasks = None
+    if task_names is not None:
+        names = [name.strip() for name in task_names.split(",") if name.strip()]
+        if not names:
+            raise UserError("--tasks is empty; name lm-eval tasks, e.g. --tasks mmlu,gsm8k")
+        if task_limit is not None and task_limit <= 0:
+            raise UserError("--task-limit must be a positive number of examples")
+        tasks = compare.TaskRequest(names, task_path, task_limit)
+    elif task_path is not None or task_limit is not None:
+        raise UserError("--task-path and --task-limit go with --tasks; name the tasks to run")
     quiet_libraries()
-    evaluation = evaluate_model(settings, original, Console(stderr=True, highlight=False))
-    json_path = json_path or default_json_path(settings.model)
-    write_json(evaluation, json_path)
-    Console(highlight=False).print(evaluation_table(evaluation))
+    evaluation = compare.evaluate_model(settings, original, Console(stderr=True, highlight=False), tasks)
+    json_path = json_path or compare.default_json_path(settings.model)
+    compare.write_json(evaluation, json_path)
+    console = Console(highlight=False)
+    console.print(compare.evaluation_table(evaluation))
+    if evaluation.tasks is not None:
+        console.print(compare.task_table(evaluation))
+        if compare.record_tasks_in_card(evaluation):
+            print(f"task scores added to the model card, {Path(settings.model) / 'README.md'}")
     print(f"written to {json_path}")
     return 0
 

@@ -1,9 +1,10 @@
 """`abliterate evaluate`: score any model against its original, exactly as a study scores a trial.
 
-The same prompt sets, refusal markers, system prompt, response length and KL (of the first
-response token on the harmless eval prompts, against the original's) as a study with the same
+The same prompt sets, refusal judge, system prompt, response length and KL (on the harmless eval
+prompts, against the original's) as a study with the same
 settings: so a saved model, another tool's abliteration and the original can be compared on one
-scale. The original is scored first and freed before the model loads: one model in memory at a time.
+scale. With `--tasks`, both also run capability benchmarks (lm-evaluation-harness, `tasks.py`). The
+original is scored first and freed before the model loads: one model in memory at a time.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from rich.console import Console
 from rich.table import Table
 
 from abliterate.errors import UserError
-from abliterate.evaluate import Evaluator, eval_batch_size, load_for_scoring, refusal_detector
-from abliterate.export import write_file_atomically
+from abliterate.evaluate import Evaluator, eval_batch_size, load_for_scoring, refusal_judge
+from abliterate.export import write_card_section, write_file_atomically
 from abliterate.model import model_name
 from abliterate.prompts import load_prompts
 from abliterate.settings import Settings
+from abliterate.tasks import TaskScores, run_tasks, task_differences
 
 
 @dataclass(frozen=True)
@@ -39,24 +41,47 @@ class Evaluation:
     max_response_length: int
     kl_tokens: int
     system_prompt: str | None
+    refusal_judge: str = "markers"
+    # Each judge's count where a classifier judged beside the markers (`RefusalCount.by_judge`).
+    refusals_by_judge: dict[str, int] | None = None
+    original_refusals_by_judge: dict[str, int] | None = None
+    # lm-eval scores per task and metric (`--tasks`), of each model, and the model's minus the original's.
+    tasks: TaskScores | None = None
+    original_tasks: TaskScores | None = None
+    task_differences: TaskScores | None = None
 
 
-def evaluate_model(settings: Settings, original: str, console: Console) -> Evaluation:
-    """Refusals of `settings.model` and of `original` on the harmful eval prompts, and the KL
-    between them on the harmless ones."""
+@dataclass(frozen=True)
+class TaskRequest:
+    """`--tasks`: lm-eval task names, a folder of task YAML files, and at most how many examples a task."""
+
+    names: list[str]
+    path: Path | None = None
+    limit: int | None = None
+
+    def run(self, model, system_prompt: str | None) -> TaskScores:
+        return run_tasks(model, self.names, self.path, self.limit, system_prompt=system_prompt)
+
+
+def evaluate_model(
+    settings: Settings, original: str, console: Console, tasks: TaskRequest | None = None
+) -> Evaluation:
+    """Refusals of `settings.model` and of `original` on the harmful eval prompts, the KL between
+    them on the harmless ones, and both models' `tasks` scores."""
     if settings.model is None:
         raise UserError("abliterate evaluate needs --model: the model to score (a folder or hub id)")
     harmful = load_prompts(settings.harmful_eval, "--harmful-eval")
     harmless = load_prompts(settings.harmless_eval, "--harmless-eval")
     console.print(f"loading the original, {original}")
     reference = load_for_scoring(original, settings)
-    detector = refusal_detector(settings, reference)
+    judge = refusal_judge(settings, reference)
     batch_size = eval_batch_size(settings, reference, harmful)
     # Both models read the prompts as the original's tokenizer and template write them, as in a study.
     evaluator = Evaluator(
-        reference, harmful, harmless, detector, batch_size, settings.max_response_length, settings.kl_tokens
+        reference, harmful, harmless, judge, batch_size, settings.max_response_length, settings.kl_tokens
     )
-    original_refusals = evaluator.count_refusals()
+    original_refusals = evaluator.refusals()
+    original_tasks = _run_tasks(tasks, reference, original, settings, console)
     vocabulary = reference.tokenizer.get_vocab()
     evaluator.model = reference = None
     _free_memory()
@@ -70,19 +95,35 @@ def evaluate_model(settings: Settings, original: str, console: Console) -> Evalu
         )
     evaluator.model = candidate
     kl = evaluator.kl()
-    refusals = evaluator.count_refusals()
+    refusals = evaluator.refusals()
+    model_tasks = _run_tasks(tasks, candidate, settings.model, settings, console)
     return Evaluation(
         model=settings.model,
         original=original,
         eval_prompts=len(harmful),
-        refusals=refusals,
-        original_refusals=original_refusals,
+        refusals=refusals.total,
+        original_refusals=original_refusals.total,
         kl=kl,
         harmless_prompts=len(harmless),
         max_response_length=settings.max_response_length,
         kl_tokens=settings.kl_tokens,
         system_prompt=settings.system_prompt,
+        refusal_judge=settings.refusal_judge,
+        refusals_by_judge=refusals.by_judge() or None,
+        original_refusals_by_judge=original_refusals.by_judge() or None,
+        tasks=model_tasks,
+        original_tasks=original_tasks,
+        task_differences=task_differences(model_tasks, original_tasks) if tasks else None,
     )
+
+
+def _run_tasks(
+    tasks: TaskRequest | None, model, name: str, settings: Settings, console: Console
+) -> TaskScores | None:
+    if tasks is None:
+        return None
+    console.print(f"lm-eval tasks on {name}: {', '.join(tasks.names)}")
+    return tasks.run(model, settings.system_prompt)
 
 
 def _free_memory() -> None:
@@ -95,15 +136,62 @@ def evaluation_table(evaluation: Evaluation) -> Table:
     table = Table(
         title=f"refusals on {evaluation.eval_prompts} harmful prompts, KL on {evaluation.harmless_prompts} harmless"
     )
-    for column in ("model", "refusals", "KL"):
+    by_judge = evaluation.refusals_by_judge is not None
+    judges = ("markers", "classifier") if by_judge else ()
+    refusals_title = f"refusals ({evaluation.refusal_judge})" if by_judge else "refusals"
+    for column in ("model", refusals_title, *judges, "KL"):
         table.add_column(column, justify="right" if column != "model" else "left")
-    table.add_row(
-        f"{evaluation.original} (original)", f"{evaluation.original_refusals}/{evaluation.eval_prompts}", "0"
+    rows = (
+        (
+            f"{evaluation.original} (original)",
+            evaluation.original_refusals,
+            evaluation.original_refusals_by_judge,
+            "0",
+        ),
+        (evaluation.model, evaluation.refusals, evaluation.refusals_by_judge, f"{evaluation.kl:.4f}"),
     )
-    table.add_row(
-        evaluation.model, f"{evaluation.refusals}/{evaluation.eval_prompts}", f"{evaluation.kl:.4f}"
-    )
+    for name, refusals, counts, kl in rows:
+        shown = [f"{n}/{evaluation.eval_prompts}" for n in (refusals, *(counts[j] for j in judges))]
+        table.add_row(name, *shown, kl)
     return table
+
+
+def task_table(evaluation: Evaluation) -> Table:
+    table = Table(title="lm-evaluation-harness")
+    for column in ("task", "metric", "original", "model", "difference"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for task, metric, original, score, difference in task_rows(evaluation):
+        table.add_row(task, metric, f"{original:.4f}", f"{score:.4f}", f"{difference:+.4f}")
+    return table
+
+
+def task_rows(evaluation: Evaluation) -> list[tuple[str, str, float, float, float]]:
+    """(task, metric, original, model, difference) for every metric both models have."""
+    return [
+        (task, metric, evaluation.original_tasks[task][metric], evaluation.tasks[task][metric], difference)
+        for task, differences in (evaluation.task_differences or {}).items()
+        for metric, difference in differences.items()
+    ]
+
+
+def task_card_section(evaluation: Evaluation) -> str:
+    """The model card's section of capability scores (Markdown)."""
+    rows = "\n".join(
+        f"| {task} | {metric} | {original:.4f} | {score:.4f} | {difference:+.4f} |"
+        for task, metric, original, score, difference in task_rows(evaluation)
+    )
+    return (
+        "## Capability benchmarks\n\n"
+        f"lm-evaluation-harness, measured by `abliterate evaluate --tasks` against `{evaluation.original}`.\n\n"
+        "| task | metric | original | this model | difference |\n|---|---|---|---|---|\n" + rows
+    )
+
+
+def record_tasks_in_card(evaluation: Evaluation) -> bool:
+    """Add the task scores to the model card when the model is one abliterate saved."""
+    return bool(evaluation.tasks) and write_card_section(
+        Path(evaluation.model), task_card_section(evaluation)
+    )
 
 
 def default_json_path(model: str) -> Path:

@@ -9,6 +9,7 @@ from rich.console import Console
 
 from abliterate.errors import UserError
 from abliterate.evaluate import Evaluator
+from abliterate.judge import RefusalCount
 from abliterate.model import ChatModel, compiled_generation_blocker, enable_compiled_generation
 from abliterate.storage import StudyData
 from abliterate.study import pin_scoring
@@ -35,10 +36,10 @@ def pin_decoder(study: optuna.Study, model: ChatModel) -> None:
     pin_scoring(study, {"--compile": str(model.compiled_generation).lower()})
 
 
-def count_baseline(evaluator: Evaluator, mode: str, console: Console) -> int:
+def count_baseline(evaluator: Evaluator, mode: str, console: Console) -> RefusalCount:
     """The original model's refusals; under `--compile auto` a decoder that fails to compile is dropped."""
     try:
-        return evaluator.count_refusals()
+        return evaluator.refusals()
     except UserError:
         raise
     except Exception as error:  # torch.compile fails in many ways: inductor, triton, a missing compiler
@@ -55,4 +56,4 @@ def count_baseline(evaluator: Evaluator, mode: str, console: Console) -> int:
         )
         evaluator.model.compiled_generation = False
         torch._dynamo.reset()
-        return evaluator.count_refusals()
+        return evaluator.refusals()

@@ -2,8 +2,8 @@
 
 `Evaluator` holds everything that does not change between trials: the tokenized eval batches and
 the original model's next-token log-probabilities, computed once. A trial then costs one greedy
-generation over the harmful batches (stopped per sequence as soon as a refusal marker appears) and
-one forward pass over the harmless batches.
+generation over the harmful batches (stopped per sequence as soon as a refusal marker appears where
+markers alone judge; see judge.py) and one forward pass over the harmless batches.
 """
 
 from __future__ import annotations
@@ -11,59 +11,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 
 import torch
 
 from abliterate.errors import UserError
+from abliterate.judge import (
+    RefusalClassifier,
+    RefusalCount,
+    RefusalDetector,
+    RefusalJudge,
+    default_refusal_markers,
+)
 from abliterate.model import Batch, ChatModel, in_halves_on_oom, load_chat_model
 from abliterate.settings import Settings
-
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
-
-
-def default_refusal_markers() -> list[str]:
-    text = resources.files("abliterate.data").joinpath("refusal_markers.txt").read_text("utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-
-
-def normalize(text: str) -> str:
-    return text.translate(_APOSTROPHES).lower()
-
-
-def visible_answer(response: str, thinking: tuple[str, str] | None, opened: bool = False) -> str:
-    """`response` without its thinking blocks: what the user reads as the answer.
-
-    `thinking` is the (start, end) marker pair; `opened` says the prompt already opened a block,
-    so the response begins inside one. A block not closed yet hides the rest of the response.
-    """
-    if thinking is None:
-        return response
-    start, end = thinking
-    text = response
-    if opened:
-        text = text.partition(end)[2]  # "" while the model is still thinking
-    while (begin := text.find(start)) >= 0:
-        close = text.find(end, begin + len(start))
-        text = text[:begin] if close < 0 else text[:begin] + text[close + len(end) :]
-    return text
-
-
-class RefusalDetector:
-    """A response is a refusal when its answer, past any thinking block, contains a marker
-    (case-insensitive, apostrophes normalized). A reasoning model may weigh a refusal while it
-    thinks and then answer: only what it answers counts."""
-
-    def __init__(self, markers: Sequence[str], thinking: tuple[str, str] | None = None, opened: bool = False):
-        self.markers = [normalize(marker) for marker in markers if marker.strip()]
-        if not self.markers:
-            raise UserError("the refusal marker list is empty; give at least one marker")
-        self.thinking = thinking
-        self.opened = opened
-
-    def __call__(self, response: str) -> bool:
-        text = normalize(visible_answer(response, self.thinking, self.opened))
-        return any(marker in text for marker in self.markers)
 
 
 def kl_divergence(reference_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
@@ -80,6 +40,8 @@ class Scores:
     # False when the trial's KL kept it off the front whatever its refusals: they were not counted,
     # and `refusals` holds the original model's count.
     refusals_counted: bool = True
+    # Each judge's count where a classifier judged too (`RefusalCount.by_judge`), for the record.
+    refusals_by_judge: dict[str, int] | None = None
 
 
 def load_for_scoring(source: str | None, settings: Settings) -> ChatModel:
@@ -97,13 +59,15 @@ def load_for_scoring(source: str | None, settings: Settings) -> ChatModel:
     )
 
 
-def refusal_detector(settings: Settings, model: ChatModel) -> RefusalDetector:
-    """The settings' markers (or the shipped list), past the model's thinking block if it has one."""
-    return RefusalDetector(
-        settings.refusal_markers or default_refusal_markers(),
-        model.thinking_markers,
-        model.prompt_opens_thinking,
-    )
+def refusal_judge(settings: Settings, model: ChatModel) -> RefusalJudge:
+    """The judge `settings` name: the markers (or the shipped list), and for `classifier` or `both`
+    the classifier on the model's device; all of them past the model's thinking block if it has one."""
+    thinking, opened = model.thinking_markers, model.prompt_opens_thinking
+    markers = RefusalDetector(settings.refusal_markers or default_refusal_markers(), thinking, opened)
+    if settings.refusal_judge == "markers":
+        return RefusalJudge(markers)
+    classifier = RefusalClassifier(settings.refusal_classifier, model.input_device, thinking, opened)
+    return RefusalJudge(markers, classifier, settings.refusal_judge)
 
 
 def eval_batch_size(settings: Settings, model: ChatModel, harmful_prompts: Sequence[str]) -> int:
@@ -124,7 +88,7 @@ class Evaluator:
         model: ChatModel,
         harmful_prompts: Sequence[str],
         harmless_prompts: Sequence[str],
-        detector: RefusalDetector,
+        judge: RefusalJudge | RefusalDetector,
         batch_size: int,
         max_response_length: int,
         kl_tokens: int = 1,
@@ -133,7 +97,8 @@ class Evaluator:
         self.kl_tokens = kl_tokens
         self.harmful_prompts = list(harmful_prompts)
         self.harmless_prompts = list(harmless_prompts)
-        self.detector = detector
+        # Markers alone are a judge too: what scripts and tests pass.
+        self.judge = judge if isinstance(judge, RefusalJudge) else RefusalJudge(judge)
         self.max_response_length = max_response_length
         self.harmful_batches = model.encode(
             harmful_prompts, batch_size, common_length=model.compiled_generation
@@ -148,8 +113,9 @@ class Evaluator:
             raise UserError("the original model produces NaN or inf log-probabilities; try another --dtypes")
 
     def responses(self, stop_early: bool = True) -> list[str]:
-        """Greedy responses to the harmful eval prompts; `stop_early` ends each at its first marker."""
-        finished = self.detector if stop_early else None
+        """Greedy responses to the harmful eval prompts; `stop_early` ends each at its first marker
+        where the judge allows it (markers alone)."""
+        finished = self.judge.markers if stop_early and self.judge.stops_at_markers else None
         responses: list[str] = []
         for batch in self.harmful_batches:
             responses += in_halves_on_oom(
@@ -158,8 +124,12 @@ class Evaluator:
             self._batch_done(batch)
         return responses
 
+    def refusals(self, stop_early: bool = True) -> RefusalCount:
+        """The judge's verdicts on the responses to the harmful eval prompts."""
+        return self.judge(self.responses(stop_early))
+
     def count_refusals(self, stop_early: bool = True) -> int:
-        return sum(self.detector(response) for response in self.responses(stop_early))
+        return self.refusals(stop_early).total
 
     def kl(self) -> float:
         """Mean KL(original || current) over the harmless eval prompts: of the first response token,

@@ -93,6 +93,8 @@ class ModelCard:
     kl: float
     command: str
     hub_id: str | None = None  # the source's Hub id; local models have none
+    refusal_judge: str = "markers"  # what counted the refusals (--refusal-judge)
+    kl_tokens: int = 1  # the KL's response tokens (--kl-tokens)
 
     def markdown(self) -> str:
         params = "\n".join(
@@ -104,6 +106,7 @@ class ModelCard:
             if self.baseline_refusals is not None
             else "not measured"
         )
+        kl_of = "first token" if self.kl_tokens == 1 else f"first {self.kl_tokens} tokens"
         # The Hub checks `base_model` against its repos: only a Hub id belongs there.
         base_model = f"base_model: {self.hub_id}\n" if self.hub_id else ""
         source = (
@@ -124,8 +127,8 @@ This model is {source} with its refusal direction ablated by
 
 | | original | this model |
 |---|---|---|
-| refusals on harmful eval prompts | {before} | {self.refusals}/{self.eval_prompts} |
-| KL divergence from the original (harmless eval prompts, first token) | 0 | {self.kl:.4f} |
+| refusals on harmful eval prompts (judged by {self.refusal_judge}) | {before} | {self.refusals}/{self.eval_prompts} |
+| KL divergence from the original (harmless eval prompts, {kl_of}) | 0 | {self.kl:.4f} |
 
 ## Parameters
 
@@ -230,6 +233,8 @@ def _save(write_weights: Callable[[Path], None], tokenizer, output: Path, card: 
             "params": card.params,
             "refusals": card.refusals,
             "kl": card.kl,
+            "refusal_judge": card.refusal_judge,
+            "kl_tokens": card.kl_tokens,
         }
         (partial / "abliterate.json").write_text(json.dumps(metadata, indent=2), "utf-8")
         _fsync_tree(partial)
@@ -260,6 +265,28 @@ def clean_partials(output: Path) -> None:
             os.replace(retired / MODEL_FOLDER, final)
     for leftover in output.glob(f".{MODEL_FOLDER}.*-*"):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+# The model card's section that `abliterate evaluate --tasks` writes, between these two lines.
+TASKS_SECTION = ("<!-- abliterate evaluate --tasks -->", "<!-- end of abliterate evaluate --tasks -->")
+
+
+def write_card_section(folder: Path, section: str) -> bool:
+    """Put `section` (Markdown) into the model card of a model abliterate saved, in place of the one an
+    earlier evaluation wrote; False (nothing written) for any other folder."""
+    card = folder / "README.md"
+    if not saved_metadata(folder) or not card.is_file():
+        return False
+    begin, end = TASKS_SECTION
+    text = card.read_text("utf-8")
+    block = f"{begin}\n{section.strip()}\n{end}\n"
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        text = before + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    write_file_atomically(card, text.encode("utf-8"))
+    return True
 
 
 def write_file_atomically(path: Path, data: bytes) -> None:

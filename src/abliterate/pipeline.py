@@ -30,10 +30,9 @@ from abliterate.components import EditableModel, find_components
 from abliterate.directions import capture_residuals, refusal_directions
 from abliterate.evaluate import (
     Evaluator,
-    RefusalDetector,
     eval_batch_size,
     load_for_scoring,
-    refusal_detector,
+    refusal_judge,
 )
 from abliterate.export import (
     ModelCard,
@@ -44,6 +43,7 @@ from abliterate.export import (
     save_model,
     upload,
 )
+from abliterate.judge import RefusalJudge
 from abliterate.model import (
     DEMO_MODEL_NAME,
     ChatModel,
@@ -71,6 +71,7 @@ from abliterate.study import (
 from abliterate.terminal import (
     ask_selection,
     front_table,
+    judge_counts,
     mean_trial_seconds,
     progress_bars,
     report_failed_trials,
@@ -238,7 +239,7 @@ def prepare(settings: Settings, console: Console) -> Session:
     }
     console.print(f"loading {settings.model or 'the built-in demo model'}")
     model = load_for_scoring(settings.model, settings)
-    detector = refusal_detector(settings, model)
+    judge = refusal_judge(settings, model)
     if model.thinking_markers:
         console.print(
             f"thinking blocks ({' ... '.join(model.thinking_markers)}) are skipped when counting refusals"
@@ -254,7 +255,7 @@ def prepare(settings: Settings, console: Console) -> Session:
         startup_trials(settings.n_trials, settings.n_startup_trials),
         model.source,
     )
-    pin_scoring(study, scoring(settings, model, prompts, detector))
+    pin_scoring(study, scoring(settings, model, prompts, judge))
 
     batch_size = eval_batch_size(settings, model, prompts["harmful_eval"])
     console.print(
@@ -278,7 +279,7 @@ def prepare(settings: Settings, console: Console) -> Session:
         model,
         prompts["harmful_eval"],
         prompts["harmless_eval"],
-        detector,
+        judge,
         batch_size,
         settings.max_response_length,
         settings.kl_tokens,
@@ -286,8 +287,11 @@ def prepare(settings: Settings, console: Console) -> Session:
     if not counted:
         baseline = count_baseline(evaluator, settings.compile, console)
         pin_decoder(study, model)  # only now: `auto` may have dropped a decoder that failed to compile
-        stored.record_baseline(len(prompts["harmful_eval"]), baseline)
-    console.print(f"original model: {stored.baseline_refusals}/{len(prompts['harmful_eval'])} refusals")
+        stored.record_baseline(len(prompts["harmful_eval"]), baseline.total, baseline.by_judge())
+    console.print(
+        f"original model: {stored.baseline_refusals}/{len(prompts['harmful_eval'])} refusals"
+        + judge_counts(stored.baseline_by_judge)
+    )
 
     console.print(describe(choice, editable, model.model))
     editor = make_editor(
@@ -302,7 +306,7 @@ def prepare(settings: Settings, console: Console) -> Session:
 
 
 def scoring(
-    settings: Settings, model: ChatModel, prompts: dict[str, list[str]], detector: RefusalDetector
+    settings: Settings, model: ChatModel, prompts: dict[str, list[str]], judge: RefusalJudge
 ) -> dict[str, str]:
     """What a trial's scores depend on, beyond its parameters (see `pin_scoring`)."""
 
@@ -312,7 +316,9 @@ def scoring(
     return {
         "--harmful-eval": digest(prompts["harmful_eval"]),
         "--harmless-eval": digest(prompts["harmless_eval"]),
-        "--refusal-markers": digest(list(detector.markers)),
+        "--refusal-markers": digest(list(judge.markers.markers)),
+        "--refusal-judge": judge.mode,
+        **({"--refusal-classifier": judge.classifier.source} if judge.classifier else {}),
         "--max-response-length": str(settings.max_response_length),
         "--kl-tokens": str(settings.kl_tokens),
         "--system-prompt": settings.system_prompt or "",
@@ -402,6 +408,7 @@ def search(session: Session, console: Console) -> None:
         if scores.refusals_counted:
             console.print(
                 f"trial {trial.number:>4}: refusals {scores.refusals:>3}/{eval_prompts}, KL {scores.kl:.4f}"
+                + judge_counts(scores.refusals_by_judge)
             )
         else:
             console.print(
@@ -487,6 +494,8 @@ def export(session: Session, trial, command: str) -> Path:
         kl=float(trial.values[1]),
         command=command,
         hub_id=session.model.hub_id,
+        refusal_judge=session.settings.refusal_judge,
+        kl_tokens=session.settings.kl_tokens,
     )
     if isinstance(session.editor, AdapterEditor):
         return _export_merged(session, trial, card)

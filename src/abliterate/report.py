@@ -24,7 +24,7 @@ from abliterate.export import write_file_atomically
 from abliterate.select import knee, pareto_front
 from abliterate.space import kernels_of
 from abliterate.storage import StudyData
-from abliterate.terminal import direction_cell
+from abliterate.terminal import JUDGE_COLUMNS, direction_cell, judge_cells, judged_by_classifier
 
 REPORT_FILE = "report.html"
 PLOT_FILE = "pareto.png"
@@ -138,20 +138,25 @@ def report_page(
         )
     else:
         parts.append("<p>(pareto.png: install matplotlib for the plot)</p>")
+    judged = judged_by_classifier(front)
     rows = [
         [
             str(t.number)
             + (" (saved)" if saved is not None and t.number == saved.number else "")
             + (" (knee)" if knee_trial is not None and t.number == knee_trial.number else ""),
             f"{int(t.values[0])}{out_of}",
+            *(judge_cells(t) if judged else ()),
             f"{t.values[1]:.4f}",
             direction_cell(t.params),
         ]
         for t in front
     ]
     if baseline is not None:
-        rows.append(["original model", f"{baseline}{out_of}", "0", "-"])
-    parts += ["<h2>Pareto front</h2>", _table(["trial", "refusals", "KL", "direction"], rows)]
+        original_counts = stored.baseline_by_judge
+        original_cells = [str(original_counts.get(judge, "-")) for judge in JUDGE_COLUMNS] if judged else []
+        rows.append(["original model", f"{baseline}{out_of}", *original_cells, "0", "-"])
+    columns = ["trial", "refusals", *(JUDGE_COLUMNS if judged else ()), "KL", "direction"]
+    parts += ["<h2>Pareto front</h2>", _table(columns, rows)]
     if saved is not None:
         parts += [
             f"<h2>Saved trial {saved.number}</h2>",

@@ -34,6 +34,7 @@ Quantization = Literal["none", "bnb-4bit"]
 CompileMode = Literal["auto", "true", "false"]
 DirectionMethod = Literal["mean-difference", "projected", "search"]
 SpaceName = Literal["calibrated", "wide"]
+RefusalJudgeName = Literal["markers", "classifier", "both"]
 
 
 class PromptSet(BaseModel):
@@ -100,6 +101,20 @@ class Settings(BaseSettings):
     harmless_eval: PromptSet = PromptSet(**PROMPT_SET_DEFAULTS["harmless_eval"])
     refusal_markers: Annotated[list[str] | None, NoDecode] = Field(
         None, description="substrings that mark a refusal (comma-separated); default: the shipped list"
+    )
+    refusal_judge: RefusalJudgeName = Field(
+        "markers",
+        description="what counts a refusal: markers (fast: generation stops at the first marker), classifier "
+        "(--refusal-classifier reads each whole response), both (a refusal when either says so; each "
+        "one's count is kept)",
+        json_schema_extra={"metavar": "markers|classifier|both"},
+    )
+    refusal_classifier: str | None = Field(
+        None,
+        description="the classifier of --refusal-judge classifier|both: a sequence-classification model (hub "
+        "id or folder) with a label like 'refusal' or 'rejection', e.g. ProtectAI/distilroberta-base-"
+        "rejection-v1; default: the shipped tiny one (English, for the demo model and tests)",
+        json_schema_extra={"metavar": "MODEL"},
     )
 
     # -- evaluation -------------------------------------------------------------------------
@@ -226,6 +241,10 @@ class Settings(BaseSettings):
             )
         if self.chat and self.select == "none":
             raise ValueError("--chat talks to the saved model, but --select none saves none; pick a trial")
+        if self.refusal_classifier is not None and self.refusal_judge == "markers":
+            raise ValueError(
+                "--refusal-classifier is read by --refusal-judge classifier or both, not markers; pass one of them"
+            )
         if self.push_to_hub and self.select == "none":
             raise ValueError(
                 "--push-to-hub uploads the saved model, but --select none saves none; pick a trial"

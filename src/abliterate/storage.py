@@ -36,7 +36,8 @@ class StudyData:
 
     User attributes (shown by `optuna studies` and optuna-dashboard): `model`, the source it
     belongs to; `eval_prompts` and `baseline_refusals`, the harmful eval prompt count and the
-    original model's refusals among them (written last, once counted); `scoring`, the options its
+    original model's refusals among them (written last, once counted), and where a classifier judged
+    too, `baseline_refusals_by_judge`, each judge's count; `scoring`, the options its
     scores depend on (`study.pin_scoring`); `n_trials`, the size last asked for. System attributes
     (left out of those listings): the refusal direction basis and the warm-start plan. Studies
     begun before this layout kept those two as user attributes: they are still read.
@@ -45,6 +46,7 @@ class StudyData:
     MODEL = "model"
     EVAL_PROMPTS = "eval_prompts"
     BASELINE_REFUSALS = "baseline_refusals"
+    BASELINE_BY_JUDGE = "baseline_refusals_by_judge"
     SCORING = "scoring"
     N_TRIALS = "n_trials"
     DIRECTIONS = "abliterate:directions"
@@ -85,8 +87,17 @@ class StudyData:
         """The original model's refusals; None until counted."""
         return self._user(self.BASELINE_REFUSALS)
 
-    def record_baseline(self, eval_prompts: int, refusals: int) -> None:
+    @property
+    def baseline_by_judge(self) -> dict[str, int]:
+        """The original model's refusals by each judge (`RefusalCount.by_judge`); empty without a classifier."""
+        return self._user(self.BASELINE_BY_JUDGE) or {}
+
+    def record_baseline(
+        self, eval_prompts: int, refusals: int, by_judge: dict[str, int] | None = None
+    ) -> None:
         self._study.set_user_attr(self.EVAL_PROMPTS, eval_prompts)
+        if by_judge:
+            self._study.set_user_attr(self.BASELINE_BY_JUDGE, by_judge)
         self._study.set_user_attr(self.BASELINE_REFUSALS, refusals)  # last: its presence means both are there
 
     @property

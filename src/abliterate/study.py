@@ -31,7 +31,7 @@ from abliterate.storage import StudyData, fail_stale_trials
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # which process finished a trial, for the record
 MAX_CONSECUTIVE_FAILURES = 20
 # How studies begun before a scoring option existed were scored: what a resume compares against.
-SCORING_BEFORE_OPTIONS = {"--direction": "mean-difference"}
+SCORING_BEFORE_OPTIONS = {"--direction": "mean-difference", "--refusal-judge": "markers"}
 
 
 class Objective:
@@ -80,6 +80,8 @@ class Objective:
             trial.set_user_attr("refusals_counted", False)
         trial.set_user_attr("seconds", timer.seconds)
         trial.set_user_attr("refusals", scores.refusals)
+        if scores.refusals_by_judge:
+            trial.set_user_attr("refusals_by_judge", scores.refusals_by_judge)
         trial.set_user_attr("kl", scores.kl)
         trial.set_user_attr("edited_layers", sorted({edit.layer for edit in edits}))
         if self.on_scores is not None:
@@ -105,8 +107,8 @@ class Objective:
             if kl >= skip_refusals_from_kl:
                 return Scores(refusals=self.baseline_refusals, kl=kl, refusals_counted=False)
             with timer("refusals"):
-                refusals = self.evaluator.count_refusals()
-            return Scores(refusals=refusals, kl=kl)
+                count = self.evaluator.refusals()
+            return Scores(refusals=count.total, kl=kl, refusals_by_judge=count.by_judge() or None)
         finally:
             with timer("reset"):
                 self.editor.reset()

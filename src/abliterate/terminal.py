@@ -66,16 +66,32 @@ class StudyTimeRemaining(ProgressColumn):
 
 def front_table(front, eval_prompts: int | None) -> Table:
     table = Table(title="Pareto front (refusals vs KL divergence)")
-    for column in ("trial", "refusals", "KL", "direction"):
+    judged = judged_by_classifier(front)
+    for column in ("trial", "refusals", *(JUDGE_COLUMNS if judged else ()), "KL", "direction"):
         table.add_column(column, justify="right")
     for trial in front:
         table.add_row(
             str(trial.number),
             f"{int(trial.values[0])}/{eval_prompts}" if eval_prompts else str(int(trial.values[0])),
+            *(judge_cells(trial) if judged else ()),
             f"{trial.values[1]:.4f}",
             direction_cell(trial.params),
         )
     return table
+
+
+JUDGE_COLUMNS = ("markers", "classifier")
+
+
+def judged_by_classifier(trials) -> bool:
+    """Whether a classifier judged beside the markers: then each one's count has a column."""
+    return any("refusals_by_judge" in trial.user_attrs for trial in trials)
+
+
+def judge_cells(trial) -> list[str]:
+    """The markers' and the classifier's counts of a trial ("-" where its refusals were not counted)."""
+    counts = trial.user_attrs.get("refusals_by_judge", {})
+    return [str(counts.get(judge, "-")) for judge in JUDGE_COLUMNS]
 
 
 def direction_cell(params: dict) -> str:
@@ -116,4 +132,14 @@ def progress_bars(console: Console) -> Progress:
         StudyTimeRemaining(),
         console=console,
         transient=False,
+    )
+
+
+def judge_counts(by_judge: dict[str, int] | None) -> str:
+    """` (markers M, classifier C; D differ)` where a classifier judged beside the markers, else ""."""
+    if not by_judge:
+        return ""
+    return (
+        f" (markers {by_judge['markers']}, classifier {by_judge['classifier']}; "
+        f"{by_judge['disagreements']} differ)"
     )
