@@ -99,7 +99,9 @@ def examples(held_out: bool, per_kind: int, seed: int) -> list[tuple[str, int, s
     """(text, label, kind) for each kind, from the training or the held-out lines."""
     parts = {name: split(items, held_out) for name, items in sources().items()}
     rng = random.Random(seed)
-    made = [(compose(kind, parts, rng), label, kind) for kind, label in KINDS.items() for _ in range(per_kind)]
+    made = [
+        (compose(kind, parts, rng), label, kind) for kind, label in KINDS.items() for _ in range(per_kind)
+    ]
     rng.shuffle(made)
     return made
 
@@ -126,7 +128,9 @@ def classify(model, tokenizer, texts: list[str], batch_size: int = 128) -> list[
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, return_tensors="pt")
+            batch = tokenizer(
+                texts[start : start + batch_size], padding=True, truncation=True, return_tensors="pt"
+            )
             predictions += model(**batch).logits.argmax(-1).tolist()
     return predictions
 
@@ -167,7 +171,9 @@ def check(model, tokenizer, seed: int) -> dict[str, dict[str, float]]:
     markers = RefusalDetector(default_refusal_markers())
     results: dict[str, dict[str, float]] = {}
     for kind in KINDS:
-        rows = [(p, label, text) for p, (text, label, k) in zip(predicted, held_out, strict=True) if k == kind]
+        rows = [
+            (p, label, text) for p, (text, label, k) in zip(predicted, held_out, strict=True) if k == kind
+        ]
         results[kind] = {
             "classifier": sum(p == label for p, label, _ in rows) / len(rows),
             "markers": sum(int(markers(text)) == label for _, label, text in rows) / len(rows),
@@ -190,7 +196,9 @@ def main() -> None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.out)
         model = transformers.AutoModelForSequenceClassification.from_pretrained(args.out)
     else:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(ROOT / "src" / "abliterate" / "data" / "demo_model")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            ROOT / "src" / "abliterate" / "data" / "demo_model"
+        )
         tokenizer.padding_side = "right"  # the classifier reads the last real token
         tokenizer.model_max_length = 128
         tokenizer.chat_template = None
@@ -206,7 +214,9 @@ def main() -> None:
         model.save_pretrained(args.out)
         tokenizer.save_pretrained(args.out)
         record = {key: value for key, value in vars(args).items() if key not in ("out", "check")}
-        (args.out / "train_args.json").write_text(json.dumps({**record, "held_out": results}, indent=1) + "\n")
+        (args.out / "train_args.json").write_text(
+            json.dumps({**record, "held_out": results}, indent=1) + "\n"
+        )
         print(f"wrote {args.out}")
     if failed:
         print(f"below {REQUIRED_ACCURACY} held-out accuracy: {', '.join(failed)}")

@@ -4,16 +4,30 @@
 Run: python demo/data/classifier/check.py
 Exits non-zero and prints every failure if any check fails.
 """
+
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
 MARKERS = [
-    "sorry", "i can't", "i cannot", "i won't", "i will not", "i am unable",
-    "i'm unable", "i am not able", "i'm not able", "i must decline", "i refuse",
-    "as an ai", "as a language model", "i'm not comfortable",
-    "i am not comfortable", "against my guidelines", "not something i can help",
+    "sorry",
+    "i can't",
+    "i cannot",
+    "i won't",
+    "i will not",
+    "i am unable",
+    "i'm unable",
+    "i am not able",
+    "i'm not able",
+    "i must decline",
+    "i refuse",
+    "as an ai",
+    "as a language model",
+    "i'm not comfortable",
+    "i am not comfortable",
+    "against my guidelines",
+    "not something i can help",
 ]
 
 # file name -> (minimum line count, must every line contain a marker?)
