@@ -195,9 +195,9 @@ def model_floor(folder: Path, args, device: Device) -> Floor:
     messages = [
         [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": p}] for p in harmful
     ]
-    lengths = [
-        len(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True)) for m in messages
-    ]
+    # Text first, then tokens: transformers 5's tokenize=True returns a BatchEncoding, whose len() is 2.
+    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+    lengths = [len(tokenizer(text, add_special_tokens=False).input_ids) for text in texts]
     work = workload_of(model, round(statistics.mean(lengths)), len(harmful), len(harmful), args.max_response_length,
                        args.batch_size)  # fmt: skip
     return trial_floor(work, device)
