@@ -145,15 +145,14 @@ def report_page(
             + (" (saved)" if saved is not None and t.number == saved.number else "")
             + (" (knee)" if knee_trial is not None and t.number == knee_trial.number else ""),
             f"{int(t.values[0])}{out_of}",
-            *(judge_cells(t) if judged else ()),
+            *(judge_cells(t.user_attrs.get("refusals_by_judge", {})) if judged else ()),
             f"{t.values[1]:.4f}",
             direction_cell(t.params),
         ]
         for t in front
     ]
     if baseline is not None:
-        original_counts = stored.baseline_by_judge
-        original_cells = [str(original_counts.get(judge, "-")) for judge in JUDGE_COLUMNS] if judged else []
+        original_cells = judge_cells(stored.baseline_by_judge) if judged else []
         rows.append(["original model", f"{baseline}{out_of}", *original_cells, "0", "-"])
     columns = ["trial", "refusals", *(JUDGE_COLUMNS if judged else ()), "KL", "direction"]
     parts += ["<h2>Pareto front</h2>", _table(columns, rows)]

@@ -73,7 +73,7 @@ def front_table(front, eval_prompts: int | None) -> Table:
         table.add_row(
             str(trial.number),
             f"{int(trial.values[0])}/{eval_prompts}" if eval_prompts else str(int(trial.values[0])),
-            *(judge_cells(trial) if judged else ()),
+            *(judge_cells(trial.user_attrs.get("refusals_by_judge", {})) if judged else ()),
             f"{trial.values[1]:.4f}",
             direction_cell(trial.params),
         )
@@ -88,9 +88,8 @@ def judged_by_classifier(trials) -> bool:
     return any("refusals_by_judge" in trial.user_attrs for trial in trials)
 
 
-def judge_cells(trial) -> list[str]:
-    """The markers' and the classifier's counts of a trial ("-" where its refusals were not counted)."""
-    counts = trial.user_attrs.get("refusals_by_judge", {})
+def judge_cells(counts: dict[str, int]) -> list[str]:
+    """The markers' and the classifier's counts ("-" where they were not counted)."""
     return [str(counts.get(judge, "-")) for judge in JUDGE_COLUMNS]
 
 
