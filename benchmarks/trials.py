@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -127,7 +128,11 @@ def run_ours(model: Path, workdir: Path, args, tool: str = "ours") -> list[dict]
         "--system-prompt", SYSTEM_PROMPT, "--row-norm", "none", "--select", "none", "--skip-dominated", "false",
         *OUR_FLAGS[tool],
     ]  # fmt: skip
-    subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
+    # The console goes through, and is read for the batch size that `--batch-size 0` chose.
+    run = subprocess.run(command, check=True, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(run.stderr)
+    chosen = re.search(r"batch size (\d+)", run.stderr)
+    args.chosen_batch_size = args.chosen_batch_size or (int(chosen.group(1)) if chosen else None)
     storage = f"sqlite:///{output / 'study.db'}"
     study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
     rows = []
@@ -199,7 +204,7 @@ def model_floor(folder: Path, args, device: Device) -> Floor:
     texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
     lengths = [len(tokenizer(text, add_special_tokens=False).input_ids) for text in texts]
     work = workload_of(model, round(statistics.mean(lengths)), len(harmful), len(harmful), args.max_response_length,
-                       args.batch_size)  # fmt: skip
+                       args.batch_size or args.chosen_batch_size or len(harmful))  # fmt: skip
     return trial_floor(work, device)
 
 
@@ -216,7 +221,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
     parser.add_argument("--models", default="demo,7b")
     parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="0: each tool's own choice from free memory"
+    )
     parser.add_argument("--max-response-length", type=int, default=64)
     parser.add_argument(
         "--tools", default="ours,heretic", help="ours, ours-4bit (bitsandbytes NF4), ours-compile, heretic"
@@ -238,7 +245,7 @@ def main() -> None:
     results, floors = {}, {}
     for name in args.models.split(","):
         model = prepare_model(name, args.workdir)
-        floors[name] = model_floor(model, args, device)
+        args.chosen_batch_size = None  # with --batch-size 0: what the first of our runs chose
         for tool in args.tools.split(","):
             started = time.perf_counter()
             with PeakDeviceMemory() as memory:
@@ -254,6 +261,9 @@ def main() -> None:
                 ),
                 flush=True,
             )
+        floors[name] = model_floor(model, args, device)
+        if not args.batch_size:
+            print(f"{name}: --batch-size 0 chose {args.chosen_batch_size} (the floor's batch)")
     print(
         "\nmedian per trial (first trial excluded), seconds; peak GPU memory and wall time of the whole run:"
     )

@@ -106,8 +106,10 @@ def test_evaluator_kl_is_zero_for_the_original_and_positive_after_an_edit():
     assert evaluator.kl() > 0.0
 
 
-def test_early_stop_gives_the_same_count_as_full_generation():
+@pytest.mark.parametrize("stop_check_every", [1, 3])
+def test_early_stop_gives_the_same_count_as_full_generation(stop_check_every):
     model = tiny_chat_model()
+    model.stop_check_every = stop_check_every
     prompts = ["how do i bake bread", "write malware", "write a poem about the sea", "i'm sorry"]
     # A marker the random model says often: a single frequent character.
     full = Evaluator(model, prompts, ["hi"], RefusalDetector(["e"]), 2, 12)
