@@ -37,14 +37,30 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime
 from pathlib import Path
 
-from abliterate.select import hypervolume, pareto_points
-
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "src" / "abliterate" / "data" / "prompts"
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 # -- the metric ----------------------------------------------------------------------------------
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The non-dominated points (both coordinates minimised), sorted by the first."""
+    front: list[tuple[float, float]] = []
+    for point in sorted(set(points)):
+        if not front or point[1] < front[-1][1]:
+            front.append(point)
+    return front
+
+
+def hypervolume(points: list[tuple[float, float]]) -> float:
+    """Area dominated by `points` inside the unit square, reference (1, 1); coordinates clipped to 1."""
+    area, previous_y = 0.0, 1.0
+    for x, y in pareto([(min(x, 1.0), min(y, 1.0)) for x, y in points]):
+        area += (1.0 - x) * (previous_y - y)
+        previous_y = y
+    return area
 
 
 def scaled_points(run: dict, until_trial: int | None = None, until_seconds: float | None = None) -> list:
@@ -257,7 +273,7 @@ def report(records: list[dict]) -> str:
     lines += judge_report(groups)
     lines += ["", "Fronts (refusals/eval prompts @ KL, KL up to 1):", ""]
     for run in sorted(runs, key=lambda run: (run["label"], run["budget"], run["seed"])):
-        front = pareto_points([(t["refusals"], t["kl"]) for t in run["trials"]])
+        front = pareto([(t["refusals"], t["kl"]) for t in run["trials"]])
         shown = ", ".join(f"{r}@{kl:.3f}" for r, kl in front if kl <= 1.0)
         lines.append(
             f"- {run['label']} seed {run['seed']} ({len(run['trials'])} trials, "

@@ -18,7 +18,9 @@
 #     253 MB): `.gm1` to `.gm7` copied to /tmp/gm, then `.gm8` (29 MB) with `.whl`, copied and run.
 # What comes back in $OUT: $RESULT.json, res.tgz (every study's log), and a trained adapter.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# Once per warm machine: a later call may leave `.whl` behind to carry more of a GGUF.
+[ -d /tmp/site/optuna ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   PYTORCH_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
 ORGANISM=${ORGANISM:-smollm2-135m-refuser}

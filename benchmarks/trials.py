@@ -15,9 +15,11 @@ random start-up trials, so the sampler costs the same). Each runs as its own pro
   wall time of the whole run, printed beside the trial times, includes it.
 
 Per trial: reset, edit, refusal generation, KL, and the total wall time of the trial as Optuna
-recorded it (start to finish, sampler included). Models: the demo model, and a Qwen2.5-7B-shaped
-model with random weights saved to local disk (shape is what costs time; random weights never say
-a refusal marker or end-of-sequence, so both tools generate every response to full length there).
+recorded it (start to finish, sampler included). Then what a user waits for: a default study of
+200 trials, scaled from the run (its time outside the trials plus 200 median trials). Models: the
+demo model, and a Qwen2.5-7B-shaped model (`7b`) or a SmolLM2-135M-shaped one (`135m`) with random
+weights saved to local disk (shape is what costs time; random weights never say a refusal marker
+or end-of-sequence, so both tools generate every response to full length there).
 
     PYTHONPATH=src:/tmp/site python3 benchmarks/trials.py --workdir /tmp/bench --models demo,7b
 """
@@ -46,8 +48,16 @@ from abliterate.model import demo_model_path
 
 PROMPTS = Path(__file__).resolve().parents[1] / "src" / "abliterate" / "data" / "prompts"
 SYSTEM_PROMPT = "You are a helpful assistant."
-QWEN_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, max_position_embeddings=4096)  # fmt: skip
+STUDY_TRIALS = 200  # what the whole-study line scales to: a default study
+# Real architectures' shapes, with random weights: shape is what costs time.
+SHAPES = {
+    "7b": (transformers.Qwen2Config, dict(  # Qwen2.5-7B
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=4096)),
+    "135m": (transformers.LlamaConfig, dict(  # SmolLM2-135M
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)),
+}  # fmt: skip
 
 
 def prepare_model(name: str, workdir: Path) -> Path:
@@ -60,11 +70,10 @@ def prepare_model(name: str, workdir: Path) -> Path:
     # The demo tokenizer (it has a chat template), padded with placeholder tokens to the real vocabulary,
     # so that random logits over 152k ids decode to text.
     tokenizer = transformers.AutoTokenizer.from_pretrained(demo_model_path())
-    tokenizer.add_tokens([f"<r{i}>" for i in range(QWEN_7B["vocab_size"] - len(tokenizer))])
-    config = transformers.Qwen2Config(
-        **QWEN_7B, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
-    )
-    with torch.device("cuda"):
+    config_class, shape = SHAPES[name]
+    tokenizer.add_tokens([f"<r{i}>" for i in range(shape["vocab_size"] - len(tokenizer))])
+    config = config_class(**shape, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     with torch.no_grad():
         for parameter in model.parameters():
@@ -254,7 +263,12 @@ def main() -> None:
                 else:
                     rows = run_ours(model, args.workdir, args, tool)
             wall = time.perf_counter() - started
-            results[(name, tool)] = {**summary(rows, skip_first=True), "peak_gib": memory.gib, "wall": wall}
+            results[(name, tool)] = {
+                **summary(rows, skip_first=True),
+                "peak_gib": memory.gib,
+                "wall": wall,
+                "outside_trials": wall - sum(row["total"] for row in rows),
+            }
             print(
                 json.dumps(
                     {"model": name, "tool": tool, "peak_gib": memory.gib, "wall_s": wall, "trials": rows}
@@ -277,6 +291,17 @@ def main() -> None:
         print(f"| {name} | {tool} | {row['reset']:.4f} | {row['edit']:.4f} | {row['refusals']:.3f} | {row['kl']:.3f} | "
               f"{row['total']:.3f} | {ratio} | {row['total'] / floors[name].total:.1f}x | {row['peak_gib']:.1f} GiB | "
               f"{row['wall']:.0f} s |")  # fmt: skip
+    print(
+        f"\na whole study of {STUDY_TRIALS} trials, scaled from this run: its time outside the trials (load, "
+        f"directions, the original's count, compiles) + {STUDY_TRIALS} x the median trial; saving the model not included:"
+    )
+    print("| model | tool | outside the trials | median trial | whole study |")
+    print("|---|---|---|---|---|")
+    for (name, tool), row in results.items():
+        whole = row["outside_trials"] + STUDY_TRIALS * row["total"]
+        print(
+            f"| {name} | {tool} | {row['outside_trials']:.0f} s | {row['total']:.3f} s | {whole / 60:.1f} min |"
+        )
     print(
         "\nthe floor of a trial (benchmarks/floor.py: decode steps x weight bytes / bandwidth, plus prefill and KL"
     )

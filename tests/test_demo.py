@@ -20,7 +20,7 @@ from abliterate.evaluate import Evaluator
 from abliterate.judge import RefusalDetector, default_refusal_markers
 from abliterate.model import demo_model_path, load_chat_model
 from abliterate.prompts import builtin_prompts
-from abliterate.space import SearchSpace, chosen_projection
+from abliterate.space import SearchSpace
 from abliterate.storage import StudyData
 
 pytestmark = pytest.mark.slow
@@ -81,13 +81,13 @@ def test_one_middle_direction_removes_the_refusal():
 
 
 @pytest.mark.parametrize("stop_check_every", [1, 4])  # a CPU's and a GPU's
-def test_fast_evaluation_matches_full_generation(stop_check_every):
+def test_fast_evaluation_matches_full_generation(stop_check_every, monkeypatch):
     """Stopping each response at its first marker, checked every step or every few, gives the same
     refusal count and KL as generating it all."""
     score = evaluator(
         builtin_prompts("harmful", "eval")[:60], builtin_prompts("harmless", "eval")[:20], max_length=48
     )
-    score.model.stop_check_every = stop_check_every
+    monkeypatch.setattr(score.model, "stop_check_every", stop_check_every)  # the model is shared
     full = score.responses(stop_early=False)
     stopped = score.responses(stop_early=True)
     assert sum(map(score.judge.markers, stopped)) == sum(map(score.judge.markers, full))
@@ -133,7 +133,7 @@ def test_a_short_study_on_the_demo_model_removes_refusals(tmp_path, monkeypatch,
     assert output.shape[1] > inputs["input_ids"].shape[1]
 
 
-@pytest.mark.parametrize("method", ["mean-difference", "projected", "search", "auto"])
+@pytest.mark.parametrize("method", ["mean-difference", "projected", "search"])
 def test_a_demo_study_with_each_direction_method(tmp_path, monkeypatch, method):
     monkeypatch.chdir(tmp_path)
     study = demo_study(tmp_path, "--direction", method)
@@ -142,7 +142,7 @@ def test_a_demo_study_with_each_direction_method(tmp_path, monkeypatch, method):
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(trials) == 4
     searched = ["direction_projection" in trial.params for trial in trials]
-    assert searched == [method in ("search", "auto")] * 4
+    assert searched == [method == "search"] * 4
 
 
 def test_a_demo_study_in_the_wide_space_draws_from_it(tmp_path, monkeypatch):
@@ -160,21 +160,8 @@ def test_a_demo_study_begins_with_its_warm_starts(tmp_path, monkeypatch):
     starts = SearchSpace(num_layers=6).warm_starts()
     assert len(starts) == 3 and [trial.params for trial in study.trials[:3]] == starts
     searched = demo_study(tmp_path / "searched", "--direction", "search")
-    starts = SearchSpace(num_layers=6, direction="search").warm_starts()
+    starts = SearchSpace(num_layers=6, search_projection=True).warm_starts()
     assert len(starts) == 4 and [trial.params for trial in searched.trials] == starts
-
-
-def test_an_automatic_direction_keeps_the_projection_of_the_better_warm_starts(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    study = demo_study(tmp_path, "--direction", "auto", "--n-trials", "8")
-    starts = SearchSpace(num_layers=6, direction="auto").warm_starts()
-    trials = study.get_trials()
-    assert len(starts) == 6 and [trial.params for trial in trials[:6]] == starts
-    scored = [(t.params["direction_projection"], t.values[0] / 16, t.values[1]) for t in trials[:6]]
-    chosen = chosen_projection(scored)
-    assert [trial.params["direction_projection"] for trial in trials[6:]] == [chosen, chosen]
-    name = "projected" if chosen == 1.0 else "mean-difference"
-    assert f"--direction auto: the warm starts chose {name} directions" in capsys.readouterr().err
 
 
 def test_a_demo_study_stops_starting_trials_when_its_time_budget_is_spent(tmp_path, monkeypatch, capsys):

@@ -14,7 +14,7 @@ spec.loader.exec_module(quality)
 
 def test_the_front_keeps_only_points_nothing_beats():
     points = [(0.5, 0.2), (0.1, 0.9), (0.5, 0.3), (0.6, 0.1), (0.2, 0.9), (0.1, 0.95)]
-    assert quality.pareto_points(points) == [(0.1, 0.9), (0.5, 0.2), (0.6, 0.1)]
+    assert quality.pareto(points) == [(0.1, 0.9), (0.5, 0.2), (0.6, 0.1)]
 
 
 def test_hypervolume_is_the_area_the_front_dominates_up_to_one_one():

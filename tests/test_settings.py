@@ -98,7 +98,7 @@ def test_every_field_has_a_flag():
         ({"time_budget": "0s"}, "--time-budget: Input should be greater than 0 (got 0.0)"),
         (
             {"direction": "median"},
-            "--direction: Input should be 'mean-difference', 'projected', 'search' or 'auto' (got 'median')",
+            "--direction: Input should be 'mean-difference', 'projected' or 'search' (got 'median')",
         ),
     ],
 )

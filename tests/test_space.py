@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from abliterate.directions import directions_at
-from abliterate.space import RANGES, SearchSpace, chosen_projection, edits_from_params
+from abliterate.space import RANGES, SearchSpace, edits_from_params
 
 
 def params(scope="global", **overrides):
@@ -128,7 +128,7 @@ def test_a_per_layer_scope_has_no_warm_starts():
 
 
 def test_a_searched_projection_is_sampled_in_every_trial_and_shapes_the_direction():
-    space = SearchSpace(num_layers=6, direction_scope="per-layer", direction="search")
+    space = SearchSpace(num_layers=6, direction_scope="per-layer", search_projection=True)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(0))
     harmless = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     basis = torch.stack([torch.nn.functional.normalize(torch.randn(6, 8) + harmless, dim=-1), harmless])
@@ -144,28 +144,9 @@ def test_a_searched_projection_is_sampled_in_every_trial_and_shapes_the_directio
 
 
 def test_warm_starts_of_a_searched_projection_try_both_ends():
-    space = SearchSpace(num_layers=11, direction_scope="global", direction="search")
+    space = SearchSpace(num_layers=11, direction_scope="global", search_projection=True)
     starts = space.warm_starts()
     assert [start["direction_projection"] for start in starts] == [1.0, 1.0, 1.0, 0.0]
     # The unprojected one repeats the middle direction, the first projected one's.
     assert starts[3]["direction_index"] == starts[0]["direction_index"]
     assert all(set(start) == set(space.sample(optuna.create_study().ask())) for start in starts)
-
-
-def test_warm_starts_of_an_automatic_projection_try_each_edit_both_ways():
-    space = SearchSpace(num_layers=11, direction_scope="global", direction="auto")
-    starts = space.warm_starts()
-    assert [start["direction_projection"] for start in starts] == [1.0, 0.0] * 3
-    low, high = space.bounds("direction_index")
-    indices = [low + fraction * (high - low) for fraction in (0.5, 0.25, 0.75)]
-    assert [start["direction_index"] for start in starts] == [index for index in indices for _ in range(2)]
-    assert all(set(start) == set(space.sample(optuna.create_study().ask())) for start in starts)
-
-
-def test_the_projection_whose_warm_starts_reach_the_better_front_is_chosen():
-    projected = [(1.0, 0.10, 0.40), (1.0, 0.05, 0.60)]
-    assert chosen_projection([*projected, (0.0, 0.0, 0.20)]) == 0.0  # the demo model's case
-    assert chosen_projection([*projected, (0.0, 0.95, 5.1)]) == 1.0  # SmolLM2's: KL past 1 counts nothing
-    assert chosen_projection([(1.0, 0.5, 0.5), (0.0, 0.5, 0.5)]) == 1.0  # a tie keeps projected
-    assert chosen_projection([]) == 1.0
-    assert chosen_projection([(0.0, 0.5, 0.5)]) == 0.0  # one finished, the other still running

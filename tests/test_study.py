@@ -426,27 +426,3 @@ def test_no_trial_starts_after_the_deadline():
     assert not study.trials
     run_study(study, objective, n_trials=2, deadline=time.monotonic() + 3600)
     assert len(study.trials) == 2
-
-
-def test_under_an_automatic_projection_the_trials_after_the_warm_starts_take_the_better_one(tmp_path):
-    space = SearchSpace(num_layers=6, direction="auto")
-    starts = space.warm_starts()
-
-    def objective(trial):
-        params = space.sample(trial)
-        # The unprojected warm starts refuse less at less KL, as on the demo model.
-        return (2, 0.1) if params["direction_projection"] == 0.0 else (10, 0.5)
-
-    study = open_study(open_storage(f"sqlite:///{tmp_path / 'study.db'}"), "s", 0, 3, "m")
-    StudyData(study).record_baseline(20, 19)
-    plan_warm_starts(study, starts, choose_projection=True)
-    study.optimize(objective, n_trials=len(starts) + 6)  # random start-up trials, then TPE's
-    projections = [trial.params["direction_projection"] for trial in study.trials]
-    assert projections == [1.0, 0.0] * 3 + [0.0] * 6
-    assert all(trial.distributions["direction_projection"].high == 1.0 for trial in study.trials)
-    # Without the choice the same study draws its projections.
-    drawn = open_study(open_storage(f"sqlite:///{tmp_path / 'drawn.db'}"), "s", 0, 3, "m")
-    StudyData(drawn).record_baseline(20, 19)
-    plan_warm_starts(drawn, starts)
-    drawn.optimize(objective, n_trials=len(starts) + 6)
-    assert {trial.params["direction_projection"] for trial in drawn.trials[6:]} - {0.0, 1.0}

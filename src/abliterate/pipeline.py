@@ -399,21 +399,12 @@ def search(session: Session, console: Console) -> None:
         session.editable.num_layers,
         direction_scope=settings.direction_scope,
         ranges=settings.search_space,
-        direction=settings.direction,
+        search_projection=settings.direction == "search",
     )
-    plan_warm_starts(
-        session.study,
-        space.warm_starts() if settings.warm_starts else [],
-        choose_projection=settings.direction == "auto",
-    )
+    plan_warm_starts(session.study, space.warm_starts() if settings.warm_starts else [])
     eval_prompts = stored.eval_prompts
 
-    planned = len(session.study.sampler.warm_starts)
-
     def report(trial: optuna.Trial, scores) -> None:
-        if settings.direction == "auto" and planned and trial.number == planned:
-            chosen = "projected" if trial.params["direction_projection"] == 1.0 else "mean-difference"
-            console.print(f"--direction auto: the warm starts chose {chosen} directions")
         if scores.refusals_counted:
             console.print(
                 f"trial {trial.number:>4}: refusals {scores.refusals:>3}/{eval_prompts}, KL {scores.kl:.4f}"

@@ -20,26 +20,6 @@ def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
     return sorted(study.best_trials, key=lambda trial: (trial.values[0], trial.values[1]))
 
 
-def pareto_points(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The non-dominated points (both coordinates minimised), sorted by the first."""
-    front: list[tuple[float, float]] = []
-    for point in sorted(set(points)):
-        if not front or point[1] < front[-1][1]:
-            front.append(point)
-    return front
-
-
-def hypervolume(points: list[tuple[float, float]]) -> float:
-    """How good a set of (refusal share, KL) scores is: the area its front dominates inside the unit
-    square, reference (1, 1), coordinates clipped to 1. 1.0 would be no refusal at no KL; a front
-    whose every trial reaches KL 1 or refuses everything scores 0 (benchmarks/quality.py)."""
-    area, previous_kl = 0.0, 1.0
-    for share, kl in pareto_points([(min(x, 1.0), min(y, 1.0)) for x, y in points]):
-        area += (1.0 - share) * (previous_kl - kl)
-        previous_kl = kl
-    return area
-
-
 def select_trial(study: optuna.Study, selection: Selection) -> FrozenTrial | None:
     """The trial `selection` picks from the study's finished trials (None for `none`)."""
     if selection.rule == "none":

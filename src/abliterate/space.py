@@ -2,10 +2,9 @@
 
 A trial samples, per component (`attn`, `mlp`), a kernel of ablation weights over layers (see
 `ablation.Kernel`) and a refusal direction: one interpolated between layers (`global`), or each
-layer's own (`per-layer`); with `--direction search` or `auto`, also how much of the harmless
-mean to project out of the directions (`direction_projection`, see `directions.py`: under `auto`
-the sampler fixes it once the warm starts have shown which of the two ends works). Ranges are
-fractions of the last layer index, so one space serves models of any depth.
+layer's own (`per-layer`); with `--direction search`, also how much of the harmless mean to
+project out of the directions (`direction_projection`, see `directions.py`). Ranges are fractions
+of the last layer index, so one space serves models of any depth.
 
 Two rules keep the multivariate TPE sampler effective. Every parameter is sampled in every trial,
 even where a trial ignores it (the direction index under `per-layer`): multivariate TPE models
@@ -24,7 +23,6 @@ from abliterate.ablation import Kernel, interpolate_direction
 from abliterate.components import COMPONENTS
 from abliterate.directions import directions_at
 from abliterate.reset import Edit
-from abliterate.select import hypervolume
 
 
 @dataclass(frozen=True)
@@ -68,11 +66,7 @@ class SearchSpace:
     components: tuple[str, ...] = COMPONENTS
     direction_scope: str = "search"
     ranges: str = "calibrated"
-    direction: str = "projected"  # a `--direction` method: `search` and `auto` sample the projection
-
-    @property
-    def samples_projection(self) -> bool:
-        return self.direction in ("search", "auto")
+    search_projection: bool = False
 
     def bounds(self, name: str) -> tuple[float, float]:
         """A parameter's bounds in layers (or as they are, for weights)."""
@@ -90,7 +84,7 @@ class SearchSpace:
             trial.suggest_categorical("direction_scope", ["global", "per-layer"])
         if self.direction_scope in ("search", "global"):
             trial.suggest_float("direction_index", *self.bounds("direction_index"))
-        if self.samples_projection:
+        if self.search_projection:
             trial.suggest_float("direction_projection", 0.0, 1.0)
         for component in self.components:
             for name in ("max_weight", "max_weight_position", "min_weight_fraction", "min_weight_distance"):
@@ -104,8 +98,7 @@ class SearchSpace:
         layer at a flat weight of 1 (the kernel peaks as near the middle of the stack as its range
         allows and reaches as far as it may), the direction taken from the middle of its range,
         then from a quarter and three quarters of the way. A searched projection starts fully
-        projected, and the middle direction is tried once more unprojected; `auto` tries each edit
-        both ways, projected and not, so that the study can keep the better (`chosen_projection`).
+        projected, and the middle direction is tried once more unprojected.
         """
         if self.direction_scope == "per-layer":
             return []
@@ -113,9 +106,7 @@ class SearchSpace:
         lowest, highest = self.bounds("max_weight_position")
         middle = min(max((self.num_layers - 1) / 2, lowest), highest)
         starts = []
-        if self.direction == "auto":
-            index_and_projection = [(fraction, p) for fraction in (0.5, 0.25, 0.75) for p in (1.0, 0.0)]
-        elif self.direction == "search":
+        if self.search_projection:
             index_and_projection = [(0.5, 1.0), (0.25, 1.0), (0.75, 1.0), (0.5, 0.0)]
         else:
             index_and_projection = [(0.5, None), (0.25, None), (0.75, None)]
@@ -132,22 +123,6 @@ class SearchSpace:
                 params[f"{component}.min_weight_distance"] = self.bounds("min_weight_distance")[1]
             starts.append(params)
         return starts
-
-
-def chosen_projection(warm_starts: list[tuple[float, float, float]]) -> float:
-    """Under `--direction auto`, the projection every trial after the warm starts uses: 1.0
-    (projected) or 0.0 (the plain mean difference), whichever's warm starts, given as finished
-    (projection, refusal share, KL), reached the better front (`select.hypervolume`).
-
-    Models differ: the projected direction won on both real models measured, the mean difference
-    on the demo model (benchmarks/results/quality-*.md). A tie, or no warm start finished yet,
-    keeps the projected one.
-    """
-    volume = {
-        projection: hypervolume([(share, kl) for p, share, kl in warm_starts if p == projection])
-        for projection in (0.0, 1.0)
-    }
-    return 0.0 if volume[0.0] > volume[1.0] else 1.0
 
 
 def direction_scope_of(params: dict) -> str:

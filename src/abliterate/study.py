@@ -25,12 +25,11 @@ from optuna.trial import FrozenTrial, TrialState
 from abliterate.errors import UserError
 from abliterate.evaluate import Evaluator, NumericalFault, Scores
 from abliterate.reset import Edit, Editor
-from abliterate.space import SearchSpace, chosen_projection, edits_from_params
+from abliterate.space import SearchSpace, edits_from_params
 from abliterate.storage import StudyData, fail_stale_trials
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # which process finished a trial, for the record
 MAX_CONSECUTIVE_FAILURES = 20
-PROJECTION = "direction_projection"  # the trial parameter of `--direction search` and `auto`
 # How studies begun before a scoring option existed were scored: what a resume compares against.
 SCORING_BEFORE_OPTIONS = {"--direction": "mean-difference", "--refusal-judge": "markers"}
 
@@ -161,19 +160,12 @@ class TrialSeededSampler(optuna.samplers.TPESampler):
     trial draws differently, and a single-process rerun with the same seed repeats the study.
     Warm starts go by trial number too, not through Optuna's queue of waiting trials: on SQLite
     two workers can pop the same waiting trial, and the second then fails to report it.
-
-    Under `--direction auto` every trial after the plan takes the projection its warm starts chose
-    (`space.chosen_projection`), whatever TPE would draw: known once every planned trial has ended,
-    and until then (a second worker may begin before the plan's last trial ends) taken from those
-    finished so far.
     """
 
     def __init__(self, seed: int, **options):
         super().__init__(seed=seed, **options)
         self.seed = seed
         self.warm_starts: list[dict] = []  # the study's plan, handed over by `plan_warm_starts`
-        self.choose_projection = False
-        self._chosen_projection: float | None = None
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         super().before_trial(study, trial)
@@ -197,10 +189,7 @@ class TrialSeededSampler(optuna.samplers.TPESampler):
         start = self._warm_start(trial)
         if start is not None:
             return {name: start[name] for name in search_space if name in start}
-        params = super().sample_relative(study, trial, search_space)
-        if self.choose_projection and PROJECTION in params:
-            params[PROJECTION] = self.chosen_projection(study)
-        return params
+        return super().sample_relative(study, trial, search_space)
 
     def sample_independent(
         self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution
@@ -208,31 +197,7 @@ class TrialSeededSampler(optuna.samplers.TPESampler):
         start = self._warm_start(trial)
         if start is not None and param_name in start:
             return start[param_name]
-        if self.choose_projection and param_name == PROJECTION:
-            return self.chosen_projection(study)
         return super().sample_independent(study, trial, param_name, param_distribution)
-
-    def chosen_projection(self, study: optuna.Study) -> float:
-        """The projection the plan's finished warm starts chose (see the class)."""
-        if self._chosen_projection is not None:
-            return self._chosen_projection
-        planned = len(self.warm_starts)
-        ended = [
-            trial
-            for trial in study.get_trials(deepcopy=False)
-            if trial.number < planned and trial.state.is_finished()
-        ]
-        eval_prompts = StudyData(study).eval_prompts or 1
-        choice = chosen_projection(
-            [
-                (trial.params[PROJECTION], trial.values[0] / eval_prompts, trial.values[1])
-                for trial in ended
-                if trial.state == TrialState.COMPLETE and PROJECTION in trial.params
-            ]
-        )
-        if len(ended) == planned:
-            self._chosen_projection = choice
-        return choice
 
 
 def open_study(
@@ -285,10 +250,9 @@ def startup_trials_in_time(
     return startup_trials(min(n_trials, max(expected, 1)), None)
 
 
-def plan_warm_starts(study: optuna.Study, starts: list[dict], choose_projection: bool = False) -> None:
+def plan_warm_starts(study: optuna.Study, starts: list[dict]) -> None:
     """Make `starts` the parameters of a new study's first trials, and hand the study's plan to its
-    sampler (see `TrialSeededSampler`); with `choose_projection` (`--direction auto`), the trials
-    after them take the projection the warm starts chose.
+    sampler (see `TrialSeededSampler`).
 
     A study that has trials already, or a plan, keeps what it has: a resumed study, or a second
     worker, follows the plan the study was begun with.
@@ -298,7 +262,6 @@ def plan_warm_starts(study: optuna.Study, starts: list[dict], choose_projection:
     if starts and planned is None and not study.get_trials(deepcopy=False):
         data.warm_starts = planned = starts
     study.sampler.warm_starts = planned or []
-    study.sampler.choose_projection = choose_projection
 
 
 def _same_source(first: str, second: str) -> bool:

@@ -1,0 +1,80 @@
+"""Trials per hour with several workers sharing one GPU (`--workers N --gpus 0,0,...`).
+
+A small model leaves most of a large GPU idle: one trial of a 135M model is a few hundred
+milliseconds of small kernels. Several workers on the same GPU, each its own process with its own
+copy of the model, fill it; they share one study through its storage. For each worker count this
+runs one study of random trials (the sampler's cost is the same for all) on a model of a real
+architecture's shape with random weights (see trials.py), and reports trials per hour between the
+first and the last trial to finish: what the study's length is made of once every worker has
+loaded and compiled (paid once per study, printed beside it as the whole run's time).
+
+    PYTHONPATH=src:/tmp/site python3 benchmarks/throughput.py --workdir /tmp/tp --models 135m --workers 1,2,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from trials import SYSTEM_PROMPT, prepare_model
+
+
+def run(model: Path, workdir: Path, workers: int, args) -> dict:
+    output = workdir / f"workers-{workers}-{model.name}"
+    subprocess.run(["rm", "-rf", str(output)], check=True)
+    gpus = ["--gpus", ",".join(["0"] * workers)] if workers > 1 and torch.cuda.is_available() else []
+    command = [
+        sys.executable, "-m", "abliterate", "--model", str(model), "--output", str(output),
+        "--dtypes", "bfloat16", "--max-response-length", str(args.max_response_length),
+        "--n-trials", str(args.trials), "--n-startup-trials", str(args.trials), "--seed", "0",
+        "--system-prompt", SYSTEM_PROMPT, "--select", "none", "--skip-dominated", "false",
+        "--workers", str(workers), *gpus,
+    ]  # fmt: skip
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
+    wall = time.perf_counter() - started
+    storage = f"sqlite:///{output / 'study.db'}"
+    study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+    finished = sorted(
+        trial.datetime_complete for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    )
+    span = (finished[-1] - finished[0]).total_seconds()
+    return {"trials": len(finished), "per_hour": (len(finished) - 1) / span * 3600, "wall": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/tp"))
+    parser.add_argument("--models", default="135m")
+    parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--max-response-length", type=int, default=64)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(
+        f"device: {device}; {args.trials} random trials a study, {args.max_response_length} new tokens, bf16"
+    )
+    rows = []
+    for name in args.models.split(","):
+        model = prepare_model(name, args.workdir)
+        for workers in map(int, args.workers.split(",")):
+            rows.append((name, workers, run(model, args.workdir, workers, args)))
+            print(f"{name}, {workers} workers: {rows[-1][2]}", flush=True)  # kept if a later run dies
+    print("\n| model | workers | trials | trials per hour | x one worker | whole run |")
+    print("|---|---|---|---|---|---|")
+    for name, workers, row in rows:
+        one = next((r for n, w, r in rows if n == name and w == 1), None)
+        ratio = f"{row['per_hour'] / one['per_hour']:.2f}x" if one else ""
+        print(
+            f"| {name} | {workers} | {row['trials']} | {row['per_hour']:.0f} | {ratio} | {row['wall']:.0f} s |"
+        )
+
+
+if __name__ == "__main__":
+    main()
