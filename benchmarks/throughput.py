@@ -4,11 +4,13 @@ A small model leaves most of a large GPU idle: one trial of a 135M model is a fe
 milliseconds of small kernels. Several workers on the same GPU, each its own process with its own
 copy of the model, fill it; they share one study through its storage. For each worker count this
 runs one study of random trials (the sampler's cost is the same for all) on a model of a real
-architecture's shape with random weights (see trials.py), and reports trials per hour between the
-first and the last trial to finish: what the study's length is made of once every worker has
-loaded and compiled (paid once per study, printed beside it as the whole run's time).
+architecture's shape with random weights (see trials.py), and reports trials per hour in the
+steady state, from the moment every worker has finished a trial to the first worker's last one:
+what a long study is made of once every worker has loaded and compiled (paid once per study,
+printed beside it as the whole run's time). The first worker begins its trials while the others
+load, so a short study may end before they begin: give enough trials (200 on a 135M model).
 
-    PYTHONPATH=src:/tmp/site python3 benchmarks/throughput.py --workdir /tmp/tp --models 135m --workers 1,2,4
+    PYTHONPATH=src:/tmp/site python3 benchmarks/throughput.py --workdir /tmp/tp --models 135m --workers 1,2,4 --trials 200
 """
 
 from __future__ import annotations
@@ -40,11 +42,18 @@ def run(model: Path, workdir: Path, workers: int, args) -> dict:
     wall = time.perf_counter() - started
     storage = f"sqlite:///{output / 'study.db'}"
     study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
-    finished = sorted(
-        trial.datetime_complete for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    )
-    span = (finished[-1] - finished[0]).total_seconds()
-    return {"trials": len(finished), "per_hour": (len(finished) - 1) / span * 3600, "wall": wall}
+    finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    by_worker: dict[str, list] = {}
+    for trial in finished:
+        by_worker.setdefault(trial.user_attrs["worker"], []).append(trial.datetime_complete)
+    result = {"trials": len(finished), "workers_with_trials": len(by_worker), "wall": wall, "per_hour": None}
+    # Steady state: from the moment every worker has finished a trial to the first worker's last one.
+    start = max(min(times) for times in by_worker.values())
+    end = min(max(times) for times in by_worker.values())
+    within = sum(start < done <= end for times in by_worker.values() for done in times)
+    if len(by_worker) == workers and end > start and within:
+        result["per_hour"] = within / (end - start).total_seconds() * 3600
+    return result
 
 
 def main() -> None:
@@ -52,7 +61,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tp"))
     parser.add_argument("--models", default="135m")
     parser.add_argument("--workers", default="1,2,4")
-    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--max-response-length", type=int, default=64)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +79,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, workers, row in rows:
         one = next((r for n, w, r in rows if n == name and w == 1), None)
-        ratio = f"{row['per_hour'] / one['per_hour']:.2f}x" if one else ""
+        if row["per_hour"] is None:  # the first worker ran the study out before the others began
+            print(
+                f"| {name} | {workers} | {row['trials']} | no steady state: raise --trials | | {row['wall']:.0f} s |"
+            )
+            continue
+        ratio = f"{row['per_hour'] / one['per_hour']:.2f}x" if one and one["per_hour"] else ""
         print(
             f"| {name} | {workers} | {row['trials']} | {row['per_hour']:.0f} | {ratio} | {row['wall']:.0f} s |"
         )

@@ -20,6 +20,8 @@ from abliterate.workers import worker_devices
         (1, [1], "GPU-a1b2,GPU-c3d4", ["GPU-c3d4"]),  # UUIDs are passed on as they are
         (2, [0, 1, 2], "5,6,7", ["5", "6"]),  # more GPUs than workers: the first ones
         (3, [], None, []),  # no GPUs: the workers share the CPU
+        (3, [0, 0, 1], None, ["0", "0", "1"]),  # a GPU listed twice takes two workers
+        (2, [1, 1], "4,5", ["5", "5"]),
     ],
 )
 def test_each_worker_gets_its_device(workers, gpus, parent_visible, expected):
@@ -28,7 +30,9 @@ def test_each_worker_gets_its_device(workers, gpus, parent_visible, expected):
 
 def test_more_workers_than_gpus_is_an_error():
     with pytest.raises(
-        UserError, match=r"^--workers 3 needs one GPU each, but only 2 are given \(\[0, 1\]\)$"
+        UserError,
+        match=r"^--workers 3 needs one GPU each, but only 2 are given \(\[0, 1\]\); "
+        r"list a GPU more than once to share it \(--gpus 0,0,1\)$",
     ):
         worker_devices(3, [0, 1], None)
 

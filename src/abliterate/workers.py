@@ -1,4 +1,5 @@
-"""Several workers on one machine: one process per GPU, all sharing one study.
+"""Several workers on one machine: one process per GPU (or several on one GPU: `--gpus 0,0`), all
+sharing one study.
 
 Each worker is an ordinary study process (`worker_process.py`: `pipeline.prepare` +
 `pipeline.search`) with its own copy of the model on its own GPU. They coordinate only through the Optuna storage, exactly as
@@ -72,7 +73,11 @@ def worker_devices(workers: int, gpus: list[int], parent_visible: str | None) ->
     into that list (as torch numbers the devices), so they are translated, not passed on as they are.
     """
     if gpus and workers > len(gpus):
-        raise UserError(f"--workers {workers} needs one GPU each, but only {len(gpus)} are given ({gpus})")
+        shared = ",".join(map(str, sorted((gpus * workers)[:workers])))  # the GPUs in turn
+        raise UserError(
+            f"--workers {workers} needs one GPU each, but only {len(gpus)} are given ({gpus}); "
+            f"list a GPU more than once to share it (--gpus {shared})"
+        )
     chosen = gpus[:workers]
     if parent_visible is None:
         return [str(index) for index in chosen]
