@@ -23,6 +23,7 @@ import torch
 import transformers
 from torch import nn
 
+from abliterate.attention import use_grouped_decode_attention
 from abliterate.errors import UserError
 
 DEMO_MODEL_NAME = "abliterate-demo"
@@ -439,6 +440,7 @@ def load_chat_model(
         )
     model.eval()
     model.requires_grad_(False)
+    use_grouped_decode_attention(model)  # no KV-cache copies in decode steps (see attention.py)
     if gguf_file is not None:
         _forget_gguf_quantization(model)
     if folder is None and gguf_file is None:
