@@ -4,7 +4,10 @@ Nothing of heretic is changed on disk or in behaviour: its classes' methods are 
 timers (synchronizing the GPU around each call) before its `main()` runs, configured by the
 `config.toml` in the working folder. One JSON line per call: trial number, phase, seconds.
 
-    python benchmarks/heretic_timed.py TIMINGS.jsonl      # in the folder holding heretic's config.toml
+    python benchmarks/heretic_timed.py TIMINGS.jsonl [--continue]   # in the folder holding heretic's config.toml
+
+`--continue` answers heretic's question about the checkpoint an earlier, interrupted run left
+("Continue the previous run") as a user would; every later question goes to heretic as before.
 """
 
 from __future__ import annotations
@@ -47,8 +50,26 @@ def timed(cls: type, method: str, phase: str) -> None:
     setattr(cls, method, wrapper)
 
 
+def answer_continue_once() -> None:
+    """Answer heretic's question about the previous run's checkpoint "continue" (heretic 1.4.0 asks
+    "How would you like to proceed?" before it loads the model)."""
+    ask = heretic.main.prompt_select
+    answered = False
+
+    def prompt_select(message, choices):
+        nonlocal answered
+        if answered or not message.startswith("How would you like to proceed"):
+            return ask(message, choices)
+        answered = True
+        return "continue"
+
+    heretic.main.prompt_select = prompt_select
+
+
 def main() -> int:
     output = sys.argv[1]
+    if "--continue" in sys.argv[2:]:
+        answer_continue_once()
     sys.argv = ["heretic"]  # heretic parses the command line too: it gets none, only its config.toml
     timed(Model, "reset_model", "reset")
     timed(Model, "abliterate", "edit")

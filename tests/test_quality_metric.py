@@ -51,3 +51,28 @@ def test_the_report_gives_each_judges_hypervolume_side_by_side():
     )
     assert "| both | 40 | markers | 9 | 0.500 | 0.500 |" in text  # 0/10 refusals at KL 0.5
     assert "| both | 40 | classifier | 10 | 0.250 | 0.250 |" in text  # 5/10 at KL 0.5
+
+
+def _run(label, trials, wall, seed=0):
+    points = [
+        {"index": i, "refusals": 5 - i, "kl": 0.1 * (i + 1), "done_seconds": 10.0 * (i + 1)}
+        for i in range(trials)
+    ]
+    return {"label": label, "seed": seed, "eval_prompts": 10, "baseline_refusals": 10, "wall_seconds": wall,
+            "trials": points}  # fmt: skip
+
+
+def test_a_run_stopped_short_of_its_budget_says_how_far_it_got():
+    record = {"trials": 4, "date": "d", "device": "cpu", "model": "m", "command": "c",
+              "runs": [_run("ours", 4, 40.0), _run("ours", 2, 20.0, seed=1)]}  # fmt: skip
+    text = quality.report([record])
+    assert "| ours | 4 | 0.660, 0.530 (2 trials) |" in text
+
+
+def test_a_resumed_run_has_no_wall_time_and_is_left_out_of_equal_time():
+    timed = {"trials": 4, "date": "d", "device": "cpu", "model": "m", "command": "c",
+             "runs": [_run("heretic", 4, 25.0), _run("ours", 4, 40.0)]}  # fmt: skip
+    assert "At equal wall time" in quality.report([timed])
+    assert "| ours | 4 | 2 | 0.530 | 0.530 |" in quality.report([timed])  # two trials done by 25 s
+    resumed = {**timed, "runs": [_run("heretic", 4, None), _run("ours", 4, 40.0)]}
+    assert "At equal wall time" not in quality.report([resumed])
