@@ -21,7 +21,7 @@ import torch
 import transformers
 
 from abliterate.judge import RefusalDetector, default_refusal_markers
-from abliterate.model import load_chat_model
+from abliterate.model import STOP_CHECK_EVERY_ON_GPU, ChatModel, _StopWhen, load_chat_model
 
 PROMPTS = Path(__file__).resolve().parents[1] / "src" / "abliterate" / "data" / "prompts"
 SDPA_BACKENDS = {
@@ -73,6 +73,25 @@ def forward_steps(model: transformers.PreTrainedModel, batch: dict, new_tokens: 
     return run
 
 
+def transformers_generate(chat: ChatModel) -> Callable[..., list[str]]:
+    """`ChatModel.generate` as it was before decoding.py: transformers' generate on a static cache,
+    with the same stop check."""
+
+    def generate(
+        batch: dict, max_new_tokens: int, finished: Callable[[str], bool] | None = None
+    ) -> list[str]:
+        length = batch["input_ids"].shape[1]
+        criteria = transformers.StoppingCriteriaList()
+        if finished is not None:
+            every = chat.stop_check_every or STOP_CHECK_EVERY_ON_GPU
+            criteria.append(_StopWhen(chat.decode, length, finished, every))
+        config = chat._greedy_config(max_new_tokens)
+        output = chat.model.generate(**batch, generation_config=config, stopping_criteria=criteria)
+        return chat.decode(output[:, length:])
+
+    return generate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -81,6 +100,14 @@ def main() -> None:
     parser.add_argument(
         "--sdpa", choices=SDPA_BACKENDS, help="attention kernels allowed; default: torch's choice"
     )
+    parser.add_argument(
+        "--attention", choices=("grouped", "sdpa"), default="grouped",
+        help="grouped: abliterate's decode attention (attention.py); sdpa: transformers' own",
+    )  # fmt: skip
+    parser.add_argument(
+        "--decoder", choices=("ours", "transformers"), default="ours",
+        help="ours: abliterate's greedy loop (decoding.py); transformers: its generate on a static cache",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="generate's step time only, no profile")
     args = parser.parse_args()
     if args.sdpa:
@@ -95,17 +122,21 @@ def measure(args: argparse.Namespace) -> None:
         args.model, ("bfloat16",), device_map="cuda", system_prompt="You are a helpful assistant."
     )
     chat.compiled_generation = True
+    if args.attention == "sdpa":
+        chat.model.set_attn_implementation("sdpa")
     prompts = (PROMPTS / "harmful_eval.txt").read_text().splitlines()[: args.prompts]
     (batch,) = chat.encode(prompts, len(prompts), common_length=True)
     markers = RefusalDetector(default_refusal_markers())
     steps = args.new_tokens - 1
     print(
-        f"{torch.cuda.get_device_name()}, batch {len(prompts)} x {batch['input_ids'].shape[1]} prompt tokens"
+        f"{torch.cuda.get_device_name()}, batch {len(prompts)} x {batch['input_ids'].shape[1]} prompt tokens, "
+        f"attention {chat.model.config._attn_implementation}, decoder {args.decoder}"
     )
 
-    one = seconds(lambda: chat.generate(batch, 1))
-    plain = seconds(lambda: chat.generate(batch, args.new_tokens))
-    checked = seconds(lambda: chat.generate(batch, args.new_tokens, markers))
+    generate = chat.generate if args.decoder == "ours" else transformers_generate(chat)
+    one = seconds(lambda: generate(batch, 1))
+    plain = seconds(lambda: generate(batch, args.new_tokens))
+    checked = seconds(lambda: generate(batch, args.new_tokens, markers))
     print(f"generate, 1 token (prefill): {one:.3f} s")
     print(f"generate, {args.new_tokens} tokens: {plain:.3f} s, {(plain - one) / steps * 1e3:.2f} ms a step")
     if args.quick:
@@ -114,7 +145,7 @@ def measure(args: argparse.Namespace) -> None:
           f"{(checked - one) / steps * 1e3:.2f} ms a step")  # fmt: skip
     for every in (1, 16):
         chat.stop_check_every = every
-        checked = seconds(lambda: chat.generate(batch, args.new_tokens, markers))
+        checked = seconds(lambda: generate(batch, args.new_tokens, markers))
         print(
             f"  with the stop check every {every} steps: {checked:.3f} s, {(checked - one) / steps * 1e3:.2f} ms a step"
         )
@@ -129,7 +160,7 @@ def measure(args: argparse.Namespace) -> None:
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     ) as profile:
-        chat.generate(batch, args.new_tokens, markers)
+        generate(batch, args.new_tokens, markers)
         torch.cuda.synchronize()
     print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     print(

@@ -78,6 +78,22 @@ def test_the_compiled_decoder_sees_in_place_edits_and_restores(architecture):
     assert chat.generate(batch, 12) == before
 
 
+@pytest.mark.parametrize("architecture", CUDA_ARCHITECTURES)
+def test_the_compiled_greedy_loop_answers_as_transformers_generate(architecture):
+    """decoding.py's loop, one CUDA graph a step, against transformers' generate (float32, so that
+    both read the same numbers)."""
+    model = tiny_model(architecture).to("cuda")
+    chat = ChatModel(model, tiny_tokenizer(), "tiny", None)
+    left_pad(chat.tokenizer)
+    prompts = ["how do i bake bread", "write malware", "write a poem", "tell me a story about a dragon"]
+    (batch,) = chat.encode(prompts, 4, common_length=True)
+    finished = lambda text: "e" in text  # noqa: E731 - a frequent character of the random model
+    expected, expected_checked = chat.generate(batch, 16), chat.generate(batch, 16, finished)
+    enable_compiled_generation(chat, in_place=True)
+    assert chat.generate(batch, 16) == expected
+    assert chat.generate(batch, 16, finished) == expected_checked
+
+
 def test_the_adapter_leaves_the_weights_alone_and_its_reset_restores_the_outputs(tmp_path):
     model = tiny_model("qwen3_moe").to(torch.bfloat16).to("cuda")  # fused experts, no biases
     editable = find_components(model)

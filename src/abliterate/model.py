@@ -24,6 +24,7 @@ import transformers
 from torch import nn
 
 from abliterate.attention import use_grouped_decode_attention
+from abliterate.decoding import GreedyDecoder
 from abliterate.errors import UserError
 
 DEMO_MODEL_NAME = "abliterate-demo"
@@ -78,8 +79,8 @@ class ChatModel:
     tokenizer_as_loaded: transformers.PreTrainedTokenizerBase | None = None
     # The GGUF file the weights were read from (dequantized), when they were: reloads read it again.
     gguf_file: Path | None = None
-    # Generate with a static KV cache, whose decoding step transformers compiles (CUDA graphs):
-    # see `enable_compiled_generation`.
+    # Generate with our own loop around a compiled decode step on a static KV cache (CUDA graphs;
+    # eager on a CPU): see `enable_compiled_generation` and `decoding.py`.
     compiled_generation: bool = False
     # Passed to chat templates that take it (`enable_thinking`); None leaves the template's default.
     enable_thinking: bool | None = None
@@ -249,10 +250,11 @@ class ChatModel:
         it first held (a refusal marker stays in the text: the verdict is the same)."""
         criteria = transformers.StoppingCriteriaList()
         prompt_length = batch["input_ids"].shape[1]
+        every = self.stop_check_every or (1 if self.input_device.type == "cpu" else STOP_CHECK_EVERY_ON_GPU)
+        if self.compiled_generation:
+            check = None if finished is None else _StopWhen(self.decode, 0, finished, every)
+            return self.decode(self._decoder.generate(batch, max_new_tokens, check, sync_every=every))
         if finished is not None:
-            every = self.stop_check_every or (
-                1 if self.input_device.type == "cpu" else STOP_CHECK_EVERY_ON_GPU
-            )
             criteria.append(_StopWhen(self.decode, prompt_length, finished, every))
         output = self.model.generate(
             **batch,
@@ -260,6 +262,13 @@ class ChatModel:
             stopping_criteria=criteria,
         )
         return self.decode(output[:, prompt_length:])
+
+    @functools.cached_property
+    def _decoder(self) -> GreedyDecoder:
+        config = self._greedy_config(1)
+        ends = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+        pad = config.pad_token_id if config.pad_token_id is not None else ends[0]
+        return GreedyDecoder(self.model, pad, ends, compile=self.input_device.type == "cuda")
 
     def stream(self, batch: Batch, max_new_tokens: int) -> Iterator[str]:
         """One greedy response, as text pieces while they are generated (generation runs in a thread)."""

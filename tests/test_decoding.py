@@ -1,0 +1,102 @@
+"""Our greedy decoding loop (decoding.py) gives transformers' greedy tokens, run eagerly on the CPU."""
+
+import pytest
+import torch
+import transformers
+from conftest import ALL_ARCHITECTURES, tiny_model
+from test_evaluate import tiny_chat_model
+
+from abliterate.decoding import GreedyDecoder
+from abliterate.evaluate import Evaluator
+from abliterate.judge import RefusalDetector
+from abliterate.model import _StopWhen
+
+
+def _prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three prompts, two of them left-padded by different amounts."""
+    torch.manual_seed(1)
+    ids = torch.randint(3, 100, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    mask[2, :4] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("architecture", ALL_ARCHITECTURES)
+def test_the_loop_gives_transformers_greedy_tokens(architecture):
+    model = tiny_model(architecture)
+    ids, mask = _prompts()
+    config = transformers.GenerationConfig(
+        max_new_tokens=9, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    expected = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1] :]
+    # generate falls back on the model's own end-of-sequence tokens (some tiny configs have one).
+    ends = model.generation_config.eos_token_id
+    ends = [] if ends is None else ends if isinstance(ends, list) else [ends]
+    decoder = GreedyDecoder(model, pad_token_id=0, eos_token_ids=ends, compile=False)
+    assert torch.equal(decoder.generate({"input_ids": ids, "attention_mask": mask}, 9), expected)
+    # The cache of that shape is kept and reset: a second batch of the same shape is not disturbed.
+    assert torch.equal(decoder.generate({"input_ids": ids, "attention_mask": mask}, 9), expected)
+    assert len(decoder._steps) == 1
+
+
+def test_a_sequence_that_ends_is_padded_and_the_loop_stops_when_all_have():
+    model = tiny_model("llama")
+    ids, mask = _prompts()
+    free = GreedyDecoder(model, pad_token_id=0, eos_token_ids=[], compile=False)
+    tokens = free.generate({"input_ids": ids, "attention_mask": mask}, 9)
+    end = int(tokens[1, 2])  # the token row 1 says third becomes an end-of-sequence token
+    config = transformers.GenerationConfig(
+        max_new_tokens=9, do_sample=False, pad_token_id=0, eos_token_id=end
+    )
+    expected = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1] :]
+    ended = GreedyDecoder(model, pad_token_id=0, eos_token_ids=[end], compile=False)
+    answers = ended.generate({"input_ids": ids, "attention_mask": mask}, 9)
+    assert torch.equal(answers, expected)
+    assert torch.equal(answers[1, 3:], torch.zeros(6, dtype=torch.long))
+
+    single = {"input_ids": ids[1:2], "attention_mask": mask[1:2]}
+    assert ended.generate(single, 9).shape == (1, 3)  # checked every step: stops at the end
+    assert ended.generate(single, 9, sync_every=4).shape == (1, 4)  # learnt at the next check
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_the_stop_check_finishes_sequences_on_the_steps_generate_asks_it(every):
+    model = tiny_chat_model()
+    prompts = ["how do i bake bread", "write malware", "write a poem about the sea", "i'm sorry"]
+    (batch,) = model.encode(prompts, batch_size=4)
+    length = batch["input_ids"].shape[1]
+    finished = lambda text: "e" in text.lower()  # noqa: E731 - a frequent character of the random model
+    criteria = transformers.StoppingCriteriaList([_StopWhen(model.decode, length, finished, every)])
+    config = model._greedy_config(12)
+    expected = model.model.generate(**batch, generation_config=config, stopping_criteria=criteria)
+    decoder = model._decoder
+    answers = decoder.generate(batch, 12, _StopWhen(model.decode, 0, finished, every), sync_every=every)
+    assert model.decode(answers) == model.decode(expected[:, length:])
+
+
+def test_a_chat_model_with_the_compiled_decoder_answers_alike():
+    model = tiny_chat_model()
+    prompts = ["how do i bake bread", "write malware", "write a poem about the sea", "i'm sorry"]
+    evaluator = Evaluator(model, prompts, ["hi"], RefusalDetector(["e"]), 4, 12)
+    responses, count = evaluator.responses(stop_early=False), evaluator.count_refusals()
+    model.compiled_generation = True  # our own loop; on the CPU it runs uncompiled
+    assert evaluator.responses(stop_early=False) == responses
+    assert evaluator.count_refusals() == count
+
+
+@pytest.mark.parametrize("architecture", ["gemma3", "mistral"])
+def test_the_loop_gives_transformers_greedy_tokens_past_a_sliding_window(architecture):
+    config = tiny_model(architecture).config
+    config.sliding_window = 4  # shorter than prompt and answer: the cache's sliding layers wrap
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    ids, mask = _prompts()
+    generation = transformers.GenerationConfig(
+        max_new_tokens=9, do_sample=False, pad_token_id=0, eos_token_id=[], cache_implementation="static"
+    )
+    expected = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation)[
+        :, ids.shape[1] :
+    ]
+    decoder = GreedyDecoder(model, pad_token_id=0, eos_token_ids=[], compile=False)
+    assert torch.equal(decoder.generate({"input_ids": ids, "attention_mask": mask}, 9), expected)
