@@ -20,6 +20,19 @@ from torch import nn
 
 from abliterate.reset import Edit
 
+
+@pytest.fixture(autouse=True)
+def _compile_cache_place_as_it_was():
+    """A study that turns the compiled decoder on names TORCHINDUCTOR_CACHE_DIR for the whole
+    process (compiled.keep_compiled_code_in): each test leaves it as it found it."""
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    yield
+    if before is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"

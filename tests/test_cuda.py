@@ -87,7 +87,7 @@ def test_the_compiled_greedy_loop_answers_as_transformers_generate(architecture)
     left_pad(chat.tokenizer)
     prompts = ["how do i bake bread", "write malware", "write a poem", "tell me a story about a dragon"]
     (batch,) = chat.encode(prompts, 4, common_length=True)
-    finished = lambda text: "e" in text  # noqa: E731 - a frequent character of the random model
+    finished = lambda text: len(text) >= 6  # noqa: E731 - the random model's rows get there at different steps
     expected, expected_checked = chat.generate(batch, 16), chat.generate(batch, 16, finished)
     enable_compiled_generation(chat, in_place=True)
     assert chat.generate(batch, 16) == expected

@@ -57,22 +57,27 @@ def test_a_sequence_that_ends_is_padded_and_the_loop_stops_when_all_have():
 
     single = {"input_ids": ids[1:2], "attention_mask": mask[1:2]}
     assert ended.generate(single, 9).shape == (1, 3)  # checked every step: stops at the end
-    assert ended.generate(single, 9, sync_every=4).shape == (1, 4)  # learnt at the next check
+    assert ended.generate(single, 9, check_every=4).shape == (1, 4)  # learnt at the next check
+    assert ended.generate(single, 9, check_every=4, defer=True).shape == (1, 8)  # one check later
+    assert torch.equal(ended.generate(single, 9, check_every=4, defer=True)[:, :4], answers[1:2, :4])
 
 
+@pytest.mark.parametrize("defer", [False, True])
 @pytest.mark.parametrize("every", [1, 3])
-def test_the_stop_check_finishes_sequences_on_the_steps_generate_asks_it(every):
+def test_the_stop_check_finishes_sequences_on_the_steps_generate_asks_it(every, defer):
     model = tiny_chat_model()
     prompts = ["how do i bake bread", "write malware", "write a poem about the sea", "i'm sorry"]
     (batch,) = model.encode(prompts, batch_size=4)
     length = batch["input_ids"].shape[1]
-    finished = lambda text: "e" in text.lower()  # noqa: E731 - a frequent character of the random model
+    finished = lambda text: len(text) >= 6  # noqa: E731 - the random model's rows get there at different steps
     criteria = transformers.StoppingCriteriaList([_StopWhen(model.decode, length, finished, every)])
-    config = model._greedy_config(12)
-    expected = model.model.generate(**batch, generation_config=config, stopping_criteria=criteria)
-    decoder = model._decoder
-    answers = decoder.generate(batch, 12, _StopWhen(model.decode, 0, finished, every), sync_every=every)
-    assert model.decode(answers) == model.decode(expected[:, length:])
+    expected = model.model.generate(
+        **batch, generation_config=model._greedy_config(12), stopping_criteria=criteria
+    )
+    expected = model.decode(expected[:, length:])
+    assert sum(finished(text) for text in expected) >= 2  # the check has something to stop
+    answers = model._decoder.generate(batch, 12, finished, model.decode, every, defer)
+    assert model.decode(answers) == expected
 
 
 def test_a_chat_model_with_the_compiled_decoder_answers_alike():

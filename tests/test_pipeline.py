@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -172,6 +173,23 @@ class CompileFails:
 
 def _compile_on(chat, in_place):
     chat.compiled_generation = True
+
+
+def test_a_compiled_study_runs_our_loop_and_keeps_torch_compiles_caches_in_its_folder(
+    model, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    # As if the model were on one CUDA GPU: our greedy loop then runs, uncompiled on the CPU.
+    monkeypatch.setattr("abliterate.compiled.compiled_generation_blocker", lambda *args: None)
+    argv = ["--model", str(model), *FAST, "--select", "none", "--output", str(tmp_path / "o")]
+    assert main(argv) == 0
+    assert scoring_of(tmp_path / "o")["--compile"] == "true"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "o").resolve() / "compile-cache")
+    # A place the user chose stays theirs.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert main([*argv, "--n-trials", "3"]) == 0
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
 
 
 def test_compile_auto_drops_a_decoder_that_fails_to_compile(model, tmp_path, monkeypatch, capsys):

@@ -3,6 +3,9 @@ when it fails to compile (see `model.enable_compiled_generation` for the decoder
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import optuna
 import torch
 from rich.console import Console
@@ -30,6 +33,17 @@ def use_compiled_generation(mode: str, study: optuna.Study, model: ChatModel, in
         return False
     model.compiled_generation = True
     return True
+
+
+COMPILE_CACHE = "compile-cache"
+
+
+def keep_compiled_code_in(output: Path) -> None:
+    """torch.compile's on-disk caches (inductor's generated code, Triton's kernels) in the study's
+    folder, unless TORCHINDUCTOR_CACHE_DIR already names a place: a resumed study, and a worker of
+    another machine sharing the folder, load the decoder's kernels instead of compiling them again.
+    Set before the first compile, which fixes the place for the process."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(output.resolve() / COMPILE_CACHE))
 
 
 def pin_decoder(study: optuna.Study, model: ChatModel) -> None:

@@ -252,8 +252,7 @@ class ChatModel:
         prompt_length = batch["input_ids"].shape[1]
         every = self.stop_check_every or (1 if self.input_device.type == "cpu" else STOP_CHECK_EVERY_ON_GPU)
         if self.compiled_generation:
-            check = None if finished is None else _StopWhen(self.decode, 0, finished, every)
-            return self.decode(self._decoder.generate(batch, max_new_tokens, check, sync_every=every))
+            return self.decode(self._decoder.generate(batch, max_new_tokens, finished, self.decode, every))
         if finished is not None:
             criteria.append(_StopWhen(self.decode, prompt_length, finished, every))
         output = self.model.generate(

@@ -25,7 +25,7 @@ from rich.markup import escape
 
 from abliterate import workers
 from abliterate.chat import Chat, chat_loop
-from abliterate.compiled import count_baseline, pin_decoder, use_compiled_generation
+from abliterate.compiled import count_baseline, keep_compiled_code_in, pin_decoder, use_compiled_generation
 from abliterate.components import EditableModel, find_components
 from abliterate.directions import capture_residuals, refusal_directions
 from abliterate.evaluate import (
@@ -266,6 +266,7 @@ def prepare(settings: Settings, console: Console) -> Session:
     choice = choose_strategy(settings.reset, settings.cache_weights, editable)
     # Before the evaluator: the baseline is counted by the same decoder as the trials.
     if use_compiled_generation(settings.compile, study, model, in_place=choice.strategy != "adapter"):
+        keep_compiled_code_in(output)
         console.print(
             f"--compile {settings.compile}: the first generation compiles the decoder (seconds to a minute)"
         )
