@@ -105,3 +105,15 @@ def test_the_loop_gives_transformers_greedy_tokens_past_a_sliding_window(archite
     ]
     decoder = GreedyDecoder(model, pad_token_id=0, eos_token_ids=[], compile=False)
     assert torch.equal(decoder.generate({"input_ids": ids, "attention_mask": mask}, 9), expected)
+
+
+def test_the_decode_step_compiles_as_one_graph_and_gives_the_same_tokens():
+    """torch.compile of the step (fullgraph: any graph break fails) on the CPU, with this
+    environment's transformers: the GPU path compiles the same function into CUDA graphs."""
+    model = tiny_model("llama")
+    ids, mask = _prompts()
+    batch = {"input_ids": ids, "attention_mask": mask}
+    eager = GreedyDecoder(model, pad_token_id=0, eos_token_ids=[], compile=False).generate(batch, 9)
+    compiled = GreedyDecoder(model, pad_token_id=0, eos_token_ids=[], compile=True)
+    assert torch.equal(compiled.generate(batch, 9), eager)
+    assert torch.equal(compiled.generate(batch, 9), eager)  # the same graph, its cache reset
