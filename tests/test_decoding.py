@@ -83,8 +83,10 @@ def test_the_stop_check_finishes_sequences_on_the_steps_generate_asks_it(every, 
 def test_a_chat_model_with_the_compiled_decoder_answers_alike():
     model = tiny_chat_model()
     prompts = ["how do i bake bread", "write malware", "write a poem about the sea", "i'm sorry"]
-    evaluator = Evaluator(model, prompts, ["hi"], RefusalDetector(["e"]), 4, 12)
+    # A marker the random model says in some responses, not all: the count can differ.
+    evaluator = Evaluator(model, prompts, ["hi"], RefusalDetector(["i"]), 4, 12)
     responses, count = evaluator.responses(stop_early=False), evaluator.count_refusals()
+    assert 0 < count < len(prompts)
     model.compiled_generation = True  # our own loop; on the CPU it runs uncompiled
     assert evaluator.responses(stop_early=False) == responses
     assert evaluator.count_refusals() == count

@@ -213,8 +213,7 @@ class ChatModel:
         missing = max_new_tokens - answers.shape[1]  # every row stopped early
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         answers = torch.nn.functional.pad(answers, (0, missing), value=pad)
-        ends = self._greedy_config(1).eos_token_id
-        ends = torch.tensor(ends if isinstance(ends, list) else [ends], device=answers.device)
+        ends = torch.tensor(self._end_token_ids, dtype=torch.long, device=answers.device)
         is_end = torch.isin(answers, ends)
         valid = (torch.cumsum(is_end.long(), dim=1) - is_end.long()) == 0  # up to and with the first end
         valid[:, answers.shape[1] - missing :] = False
@@ -262,11 +261,17 @@ class ChatModel:
         )
         return self.decode(output[:, prompt_length:])
 
+    @property
+    def _end_token_ids(self) -> list[int]:
+        """The end-of-sequence tokens greedy generation stops at (none, for a model without one)."""
+        ends = self._greedy_config(1).eos_token_id
+        return [] if ends is None else ends if isinstance(ends, list) else [ends]
+
     @functools.cached_property
     def _decoder(self) -> GreedyDecoder:
-        config = self._greedy_config(1)
-        ends = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-        pad = config.pad_token_id if config.pad_token_id is not None else ends[0]
+        ends = self._end_token_ids
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else ends[0] if ends else 0
         return GreedyDecoder(self.model, pad, ends, compile=self.input_device.type == "cuda")
 
     def stream(self, batch: Batch, max_new_tokens: int) -> Iterator[str]:
