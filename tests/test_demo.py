@@ -133,7 +133,7 @@ def test_a_short_study_on_the_demo_model_removes_refusals(tmp_path, monkeypatch,
     assert output.shape[1] > inputs["input_ids"].shape[1]
 
 
-@pytest.mark.parametrize("method", ["mean-difference", "projected", "search"])
+@pytest.mark.parametrize("method", ["mean-difference", "projected", "search", "choose"])
 def test_a_demo_study_with_each_direction_method(tmp_path, monkeypatch, method):
     monkeypatch.chdir(tmp_path)
     study = demo_study(tmp_path, "--direction", method)
@@ -142,7 +142,9 @@ def test_a_demo_study_with_each_direction_method(tmp_path, monkeypatch, method):
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(trials) == 4
     searched = ["direction_projection" in trial.params for trial in trials]
-    assert searched == [method == "search"] * 4
+    assert searched == [method in ("search", "choose")] * 4
+    if method == "choose":
+        assert {trial.params["direction_projection"] for trial in trials} == {0.0, 1.0}  # the warm starts
 
 
 def test_a_demo_study_in_the_wide_space_draws_from_it(tmp_path, monkeypatch):
@@ -160,7 +162,7 @@ def test_a_demo_study_begins_with_its_warm_starts(tmp_path, monkeypatch):
     starts = SearchSpace(num_layers=6).warm_starts()
     assert len(starts) == 3 and [trial.params for trial in study.trials[:3]] == starts
     searched = demo_study(tmp_path / "searched", "--direction", "search")
-    starts = SearchSpace(num_layers=6, search_projection=True).warm_starts()
+    starts = SearchSpace(num_layers=6, projection="search").warm_starts()
     assert len(starts) == 4 and [trial.params for trial in searched.trials] == starts
 
 

@@ -27,7 +27,7 @@ def test_a_saved_demo_model_has_pinned_bytes(tmp_path: Path):
         torch.randn(2, editable.num_layers, hidden, generator=generator), dim=-1
     )
     params = {
-        **SearchSpace(editable.num_layers, direction_scope="search", search_projection=True).warm_starts()[0],
+        **SearchSpace(editable.num_layers, direction_scope="search", projection="search").warm_starts()[0],
         "direction_index": 2.5,
         "direction_projection": 0.75,
         "mlp.max_weight": 1.25,

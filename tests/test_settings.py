@@ -98,7 +98,7 @@ def test_every_field_has_a_flag():
         ({"time_budget": "0s"}, "--time-budget: Input should be greater than 0 (got 0.0)"),
         (
             {"direction": "median"},
-            "--direction: Input should be 'mean-difference', 'projected' or 'search' (got 'median')",
+            "--direction: Input should be 'mean-difference', 'projected', 'search' or 'choose' (got 'median')",
         ),
     ],
 )
@@ -209,7 +209,7 @@ def test_help_groups_every_option_by_topic_and_lists_choices():
     for title in HELP_GROUPS:
         assert f"\n{title}:\n" in text
     assert "--reset auto|gpu-cache|host-cache|disk|reload|adapter" in text
-    assert "--direction mean-difference|projected|search" in text
+    assert "--direction mean-difference|projected|search|choose" in text
     # A topic's options sit under its title: --n-trials under search, not under model.
     assert (
         text.index("\nsearch:\n")

@@ -128,7 +128,7 @@ def test_a_per_layer_scope_has_no_warm_starts():
 
 
 def test_a_searched_projection_is_sampled_in_every_trial_and_shapes_the_direction():
-    space = SearchSpace(num_layers=6, direction_scope="per-layer", search_projection=True)
+    space = SearchSpace(num_layers=6, direction_scope="per-layer", projection="search")
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(0))
     harmless = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     basis = torch.stack([torch.nn.functional.normalize(torch.randn(6, 8) + harmless, dim=-1), harmless])
@@ -143,8 +143,27 @@ def test_a_searched_projection_is_sampled_in_every_trial_and_shapes_the_directio
     assert "direction_projection" not in fixed
 
 
-def test_warm_starts_of_a_searched_projection_try_both_ends():
-    space = SearchSpace(num_layers=11, direction_scope="global", search_projection=True)
+def test_a_chosen_projection_is_the_mean_difference_or_the_projected_direction():
+    space = SearchSpace(num_layers=6, direction_scope="per-layer", projection="choose")
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(0))
+    harmless = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    basis = torch.stack([torch.nn.functional.normalize(torch.randn(6, 8) + harmless, dim=-1), harmless])
+    drawn = set()
+    for _ in range(12):
+        sampled = space.sample(study.ask())
+        drawn.add(sampled["direction_projection"])
+        expected = directions_at(basis, sampled["direction_projection"])
+        for edit in edits_from_params(sampled, basis):
+            assert torch.equal(edit.direction, expected[edit.layer])
+    assert drawn == {0.0, 1.0}
+    assert isinstance(
+        study.trials[0].distributions["direction_projection"], optuna.distributions.CategoricalDistribution
+    )
+
+
+@pytest.mark.parametrize("projection", ["search", "choose"])
+def test_warm_starts_of_a_searched_projection_try_both_ends(projection):
+    space = SearchSpace(num_layers=11, direction_scope="global", projection=projection)
     starts = space.warm_starts()
     assert [start["direction_projection"] for start in starts] == [1.0, 1.0, 1.0, 0.0]
     # The unprojected one repeats the middle direction, the first projected one's.

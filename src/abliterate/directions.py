@@ -3,7 +3,7 @@
 The refusal direction of layer l is the normalized difference between the mean residual (after
 layer l, at the last prompt token, in float32) over harmful prompts and over harmless ones, or
 that difference made orthogonal to the harmless mean (`projected`), or anything between the two,
-chosen per trial (`search`).
+chosen per trial (`search`), or one of the two, chosen per trial (`choose`).
 
 A study keeps its directions as a basis, (2, layers, hidden): unit directions, and the unit
 harmless means that a trial's `direction_projection` (0 to 1) projects them against. A fixed method
@@ -21,7 +21,7 @@ from torch import nn
 from abliterate.errors import UserError
 from abliterate.model import Batch, ChatModel, in_halves_on_oom
 
-DIRECTION_METHODS = ("mean-difference", "projected", "search")
+DIRECTION_METHODS = ("mean-difference", "projected", "search", "choose")
 
 
 def capture_residuals(
@@ -48,7 +48,8 @@ def refusal_directions(
     its component along the harmless mean removed (projected abliteration): the harmless mean is
     what every prompt's residual shares, so an edit along it damages ordinary answers too. `search`:
     the mean difference with the harmless mean beside it, for each trial to project by its own
-    amount: models differ in which works better (`benchmarks/quality.py`).
+    amount: models differ in which works better (`benchmarks/quality.py`); `choose` stores the
+    same, for each trial to project fully or not at all.
     """
     if method not in DIRECTION_METHODS:
         raise ValueError(f"method must be one of {DIRECTION_METHODS}, got {method!r}")
@@ -62,7 +63,7 @@ def refusal_directions(
     if (difference.norm(dim=-1) == 0).any():
         raise UserError("harmful and harmless prompts give identical mean residuals; check the prompt sets")
     along = F.normalize(harmless_mean, dim=-1)
-    if method == "search":
+    if method in ("search", "choose"):
         return torch.stack([F.normalize(difference, dim=-1), along])
     if method == "projected":
         difference = difference - (difference * along).sum(dim=-1, keepdim=True) * along

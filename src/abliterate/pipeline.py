@@ -400,7 +400,7 @@ def search(session: Session, console: Console) -> None:
         session.editable.num_layers,
         direction_scope=settings.direction_scope,
         ranges=settings.search_space,
-        search_projection=settings.direction == "search",
+        projection=settings.direction if settings.direction in ("search", "choose") else "fixed",
     )
     plan_warm_starts(session.study, space.warm_starts() if settings.warm_starts else [])
     eval_prompts = stored.eval_prompts

@@ -32,7 +32,7 @@ RowNorm = Literal["none", "pre", "full"]
 DirectionScope = Literal["global", "per-layer", "search"]
 Quantization = Literal["none", "bnb-4bit"]
 CompileMode = Literal["auto", "true", "false"]
-DirectionMethod = Literal["mean-difference", "projected", "search"]
+DirectionMethod = Literal["mean-difference", "projected", "search", "choose"]
 SpaceName = Literal["calibrated", "wide"]
 RefusalJudgeName = Literal["markers", "classifier", "both"]
 
@@ -173,7 +173,8 @@ class Settings(BaseSettings):
         "projected",
         description="refusal direction: mean-difference (harmful minus harmless mean), projected "
         "(its part orthogonal to the harmless mean, which leaves what harmless prompts share alone), "
-        "or search (each trial projects by its own amount, from 0 to 1)",
+        "search (each trial projects by its own amount, from 0 to 1) or choose (each trial takes "
+        "mean-difference or projected)",
     )
     row_norm: RowNorm = Field(
         "none", description="none, pre (edit row-normalized), full (rows keep their norms)"

@@ -3,8 +3,9 @@
 A trial samples, per component (`attn`, `mlp`), a kernel of ablation weights over layers (see
 `ablation.Kernel`) and a refusal direction: one interpolated between layers (`global`), or each
 layer's own (`per-layer`); with `--direction search`, also how much of the harmless mean to
-project out of the directions (`direction_projection`, see `directions.py`). Ranges are fractions
-of the last layer index, so one space serves models of any depth.
+project out of the directions (`direction_projection` from 0 to 1, see `directions.py`), and with
+`--direction choose` whether to project it out (0 or 1). Ranges are fractions of the last layer
+index, so one space serves models of any depth.
 
 Two rules keep the multivariate TPE sampler effective. Every parameter is sampled in every trial,
 even where a trial ignores it (the direction index under `per-layer`): multivariate TPE models
@@ -15,6 +16,7 @@ fraction of the maximum, not a value below it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import optuna
 import torch
@@ -66,7 +68,9 @@ class SearchSpace:
     components: tuple[str, ...] = COMPONENTS
     direction_scope: str = "search"
     ranges: str = "calibrated"
-    search_projection: bool = False
+    # fixed: the study's basis says (a fixed direction method); search: a float from 0 to 1;
+    # choose: 0 or 1, the mean difference or the projected direction.
+    projection: Literal["fixed", "search", "choose"] = "fixed"
 
     def bounds(self, name: str) -> tuple[float, float]:
         """A parameter's bounds in layers (or as they are, for weights)."""
@@ -84,8 +88,10 @@ class SearchSpace:
             trial.suggest_categorical("direction_scope", ["global", "per-layer"])
         if self.direction_scope in ("search", "global"):
             trial.suggest_float("direction_index", *self.bounds("direction_index"))
-        if self.search_projection:
+        if self.projection == "search":
             trial.suggest_float("direction_projection", 0.0, 1.0)
+        elif self.projection == "choose":
+            trial.suggest_categorical("direction_projection", [0.0, 1.0])
         for component in self.components:
             for name in ("max_weight", "max_weight_position", "min_weight_fraction", "min_weight_distance"):
                 trial.suggest_float(f"{component}.{name}", *self.bounds(name))
@@ -97,8 +103,8 @@ class SearchSpace:
         The classic abliteration of Arditi et al.: one global direction projected out of every
         layer at a flat weight of 1 (the kernel peaks as near the middle of the stack as its range
         allows and reaches as far as it may), the direction taken from the middle of its range,
-        then from a quarter and three quarters of the way. A searched projection starts fully
-        projected, and the middle direction is tried once more unprojected.
+        then from a quarter and three quarters of the way. A searched or chosen projection starts
+        fully projected, and the middle direction is tried once more unprojected.
         """
         if self.direction_scope == "per-layer":
             return []
@@ -106,7 +112,7 @@ class SearchSpace:
         lowest, highest = self.bounds("max_weight_position")
         middle = min(max((self.num_layers - 1) / 2, lowest), highest)
         starts = []
-        if self.search_projection:
+        if self.projection != "fixed":
             index_and_projection = [(0.5, 1.0), (0.25, 1.0), (0.75, 1.0), (0.5, 0.0)]
         else:
             index_and_projection = [(0.5, None), (0.25, None), (0.75, None)]
