@@ -6,7 +6,7 @@ import transformers
 from conftest import ALL_ARCHITECTURES, tiny_model
 from test_evaluate import tiny_chat_model
 
-from abliterate.decoding import GreedyDecoder
+from abliterate.decoding import GreedyDecoder, replays_as_a_graph
 from abliterate.evaluate import Evaluator
 from abliterate.judge import RefusalDetector
 from abliterate.model import _StopWhen
@@ -109,13 +109,26 @@ def test_the_loop_gives_transformers_greedy_tokens_past_a_sliding_window(archite
     assert torch.equal(decoder.generate({"input_ids": ids, "attention_mask": mask}, 9), expected)
 
 
-def test_the_decode_step_compiles_as_one_graph_and_gives_the_same_tokens():
+@pytest.mark.parametrize("architecture", ["llama", "qwen3_moe"])
+def test_the_decode_step_compiles_as_one_graph_and_gives_the_same_tokens(architecture):
     """torch.compile of the step (fullgraph: any graph break fails) on the CPU, with this
-    environment's transformers: the GPU path compiles the same function into CUDA graphs."""
-    model = tiny_model("llama")
+    environment's transformers: the GPU path compiles the same function into CUDA graphs, or for
+    float32 fused experts (qwen3_moe here) without them."""
+    model = tiny_model(architecture)
     ids, mask = _prompts()
     batch = {"input_ids": ids, "attention_mask": mask}
     eager = GreedyDecoder(model, pad_token_id=0, eos_token_ids=[], compile=False).generate(batch, 9)
     compiled = GreedyDecoder(model, pad_token_id=0, eos_token_ids=[], compile=True)
     assert torch.equal(compiled.generate(batch, 9), eager)
     assert torch.equal(compiled.generate(batch, 9), eager)  # the same graph, its cache reset
+
+
+@pytest.mark.parametrize("architecture", ["qwen3_moe", "gpt_oss"])
+def test_fused_experts_replay_as_a_cuda_graph_only_in_bfloat16(architecture):
+    """Compiled, transformers' grouped_mm experts read token counts on the host for other dtypes."""
+    model = tiny_model(architecture)
+    assert model.config._experts_implementation == "grouped_mm"
+    assert not replays_as_a_graph(model)
+    assert not replays_as_a_graph(model.to(torch.float16))
+    assert replays_as_a_graph(model.to(torch.bfloat16))
+    assert replays_as_a_graph(tiny_model("llama"))  # float32, but no experts

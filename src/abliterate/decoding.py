@@ -13,6 +13,9 @@ positions counted from the attention mask as `generate` counts them, a sequence 
 end-of-sequence token, and after the check that found it finished. The loop serves the cache
 argument of transformers up to 5.2x (`past_key_values` with `cache_position`) and after (`cache`,
 which tracks its own length).
+
+A model whose compiled forward reads tensors on the host cannot be captured as a CUDA graph: its
+step is compiled without one (`replays_as_a_graph`).
 """
 
 from __future__ import annotations
@@ -122,7 +125,11 @@ class GreedyDecoder:
                 return self._next_tokens(cache, token, mask, position_ids, cache_position)
 
             if self.compile:
-                step = _one_cuda_graph(step)
+                step = (
+                    _one_cuda_graph(step)
+                    if replays_as_a_graph(self.model)
+                    else torch.compile(step, fullgraph=True)
+                )
             self._steps[key] = cache, step
         return self._steps[key]
 
@@ -147,6 +154,15 @@ class GreedyDecoder:
             **cache_arguments,
         ).logits
         return logits[:, -1].argmax(-1)
+
+
+def replays_as_a_graph(model: transformers.PreTrainedModel) -> bool:
+    """Whether `model`'s compiled forward can be captured as a CUDA graph. transformers' fused
+    experts (`grouped_mm`), when compiled with weights other than bfloat16, go through a loop over
+    the experts that reads their token counts on the host (`offs.tolist()`), which a capture refuses
+    (float16 and float32 Qwen3-MoE and gpt-oss, measured on an H200 with transformers 5.17)."""
+    experts = getattr(model.config, "_experts_implementation", None)
+    return experts != "grouped_mm" or model.dtype == torch.bfloat16
 
 
 def _one_cuda_graph(step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
