@@ -17,9 +17,10 @@ random start-up trials, so the sampler costs the same). Each runs as its own pro
 Per trial: reset, edit, refusal generation, KL, and the total wall time of the trial as Optuna
 recorded it (start to finish, sampler included). Then what a user waits for: a default study of
 200 trials, scaled from the run (its time outside the trials plus 200 median trials). Models: the
-demo model, and a Qwen2.5-7B-shaped model (`7b`) or a SmolLM2-135M-shaped one (`135m`) with random
-weights saved to local disk (shape is what costs time; random weights never say a refusal marker
-or end-of-sequence, so both tools generate every response to full length there).
+demo model, and models shaped as Qwen2.5-7B (`7b`), Qwen2.5-32B (`32b`, 65 GB on disk) or
+SmolLM2-135M (`135m`) with random weights saved to local disk (shape is what costs time; random
+weights never say a refusal marker or end-of-sequence, so both tools generate every response to
+full length there).
 
     PYTHONPATH=src:/tmp/site python3 benchmarks/trials.py --workdir /tmp/bench --models demo,7b
 """
@@ -54,6 +55,9 @@ SHAPES = {
     "7b": (transformers.Qwen2Config, dict(  # Qwen2.5-7B
         hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
         num_key_value_heads=4, vocab_size=152064, max_position_embeddings=4096)),
+    "32b": (transformers.Qwen2Config, dict(  # Qwen2.5-32B: 65 GB of bf16 weights, saved to --workdir
+        hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+        num_key_value_heads=8, vocab_size=152064, max_position_embeddings=4096)),
     "135m": (transformers.LlamaConfig, dict(  # SmolLM2-135M
         hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)),
