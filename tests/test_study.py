@@ -1,7 +1,9 @@
 """The study: objectives, storage, start-up and warm-start trials, and choosing a trial."""
 
+import contextlib
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -188,6 +190,18 @@ def test_a_database_that_keeps_failing_is_one_clear_error(monkeypatch):
     ):
         open_storage("postgresql+psycopg://db/study", attempts=3)
     assert racing.calls == 3
+
+
+def test_an_sqlite_study_writes_ahead_and_a_missing_folder_is_still_one_clear_error(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    optuna.create_study(storage=storage, study_name="s").ask()
+    with contextlib.closing(sqlite3.connect(tmp_path / "study.db")) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    with pytest.raises(
+        UserError, match=r"cannot open storage 'sqlite:///.*/missing/study.db': .*unable to open"
+    ):
+        open_storage(f"sqlite:///{tmp_path / 'missing' / 'study.db'}", attempts=1)
+    assert not (tmp_path / "missing").exists()
 
 
 def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed(tmp_path, monkeypatch):
