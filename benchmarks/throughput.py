@@ -8,7 +8,9 @@ architecture's shape with random weights (see trials.py), and reports trials per
 steady state, from the moment every worker has finished a trial to the first worker's last one:
 what a long study is made of once every worker has loaded and compiled (paid once per study,
 printed beside it as the whole run's time). The first worker begins its trials while the others
-load, so a short study may end before they begin: give enough trials (200 on a 135M model).
+load, so a short study may end before they begin: give enough trials (200 on a 135M model). Each
+worker count's median trial is also taken apart into its phases, to show which of them stretch
+when workers share the GPU.
 
     PYTHONPATH=src:/tmp/site python3 benchmarks/throughput.py --workdir /tmp/tp --models 135m --workers 1,2,4 --trials 200
 """
@@ -16,6 +18,7 @@ load, so a short study may end before they begin: give enough trials (200 on a 1
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import time
@@ -47,6 +50,15 @@ def run(model: Path, workdir: Path, workers: int, args) -> dict:
     for trial in finished:
         by_worker.setdefault(trial.user_attrs["worker"], []).append(trial.datetime_complete)
     result = {"trials": len(finished), "workers_with_trials": len(by_worker), "wall": wall, "per_hour": None}
+    # Where a trial's time goes as workers are added: the phases each trial records, and the rest of
+    # its duration (drawing its parameters, the storage, reading the live trials).
+    phases: dict[str, list[float]] = {}
+    for trial in finished:
+        seconds = trial.user_attrs.get("seconds", {})
+        for phase, spent in seconds.items():
+            phases.setdefault(phase, []).append(spent)
+        phases.setdefault("rest", []).append(trial.duration.total_seconds() - sum(seconds.values()))
+    result["median_s"] = {phase: round(statistics.median(spent), 4) for phase, spent in phases.items()}
     # Steady state: from the moment every worker has finished a trial to the first worker's last one.
     start = max(min(times) for times in by_worker.values())
     end = min(max(times) for times in by_worker.values())
@@ -75,6 +87,9 @@ def main() -> None:
         for workers in map(int, args.workers.split(",")):
             rows.append((name, workers, run(model, args.workdir, workers, args)))
             print(f"{name}, {workers} workers: {rows[-1][2]}", flush=True)  # kept if a later run dies
+    print("\nmedian seconds a trial, by phase (rest: sampler, storage, the trial's own bookkeeping):")
+    for name, workers, row in rows:
+        print(f"{name}, {workers} workers: {row['median_s']}")
     print("\n| model | workers | trials | trials per hour | x one worker | whole run |")
     print("|---|---|---|---|---|---|")
     for name, workers, row in rows:
