@@ -60,17 +60,27 @@ def test_launch_gives_each_worker_its_device_from_the_parents_list(monkeypatch, 
 
     class FakeProcess:
         def __init__(self, command, env):
-            started.append((env["CUDA_VISIBLE_DEVICES"], env[workers.NAME_VARIABLE]))
+            started.append((env["CUDA_VISIBLE_DEVICES"], env[workers.NAME_VARIABLE], env["OMP_NUM_THREADS"]))
 
         def wait(self):
             return 0
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's: kept
     monkeypatch.setattr(workers.torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(workers.subprocess, "Popen", FakeProcess)
     monkeypatch.setattr(workers, "_wait_for_directions", lambda *args: None)
     workers.launch(Settings(workers=2, gpus=[1, 0]), "sqlite://", "study", tmp_path)
-    assert started == [("7", "worker 0 (GPU 7)"), ("6", "worker 1 (GPU 6)")]
+    assert started == [("7", "worker 0 (GPU 7)", "3"), ("6", "worker 1 (GPU 6)", "3")]
+
+
+@pytest.mark.parametrize(
+    ("cores", "workers_", "threads"), [(16, 4, "4"), (16, 3, "5"), (2, 4, "1"), (8, 1, "8")]
+)
+def test_workers_share_the_cpus_threads(monkeypatch, cores, workers_, threads):
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert workers.thread_share(workers_, {}) == {"OMP_NUM_THREADS": threads}
+    assert workers.thread_share(workers_, {"OMP_NUM_THREADS": "2"}) == {}  # the user's choice stands
 
 
 def test_gpus_named_where_none_is_visible_is_one_line(monkeypatch, tmp_path: Path):

@@ -51,6 +51,7 @@ def launch(
             environment[NAME_VARIABLE] = f"worker {index}" + (f" (GPU {devices[index]})" if devices else "")
             if devices:
                 environment["CUDA_VISIBLE_DEVICES"] = devices[index]
+            environment.update(thread_share(settings.workers, environment))
             processes.append(
                 subprocess.Popen([sys.executable, "-m", "abliterate.worker_process"], env=environment)
             )
@@ -64,6 +65,17 @@ def launch(
         raise
     if any(code != 0 for code in codes):
         raise UserError(f"a worker stopped with an error (exit codes {codes}); see its messages above")
+
+
+def thread_share(workers: int, environment: dict[str, str]) -> dict[str, str]:
+    """Each worker's share of the CPU's threads, unless the user set them: torch and the BLAS
+    libraries each take every core, so N workers would run N times as many threads as cores and
+    slow each other down (two workers of the demo model on a 2-core CPU: a quarter of one
+    worker's rate; benchmarks/throughput.py)."""
+    if "OMP_NUM_THREADS" in environment:
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"OMP_NUM_THREADS": str(max(1, cores // workers))}
 
 
 def worker_devices(workers: int, gpus: list[int], parent_visible: str | None) -> list[str]:
