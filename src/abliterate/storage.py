@@ -208,12 +208,15 @@ def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
 
 
 def write_ahead(url: str) -> None:
-    """Put an SQLite study file in write-ahead-log mode (the file keeps it): a commit appends to the
-    log instead of writing a rollback journal and syncing the database, and readers do not wait for
-    a writer. Optuna commits every drawn parameter on its own: drawing a trial took 52 to 58 ms
-    at 50 to 300 trials on this project's CPU, and takes 29 to 47 in WAL mode (`benchmarks/sampler.py`),
-    as durably (`synchronous` stays FULL). WAL needs every process on one machine, as SQLite studies already do.
-    A database that cannot be opened here is left to the storage to report."""
+    """Put an SQLite study file in write-ahead-log mode (the file keeps it).
+
+    A commit then appends to the log instead of writing a rollback journal and syncing the
+    database, and readers do not wait for a writer. Optuna commits every drawn parameter on its
+    own: drawing a trial took 52 to 58 ms at 50 to 300 trials on this project's CPU, and takes 29 to
+    47 in WAL mode (`benchmarks/sampler.py`), as durably (`synchronous` stays FULL). WAL needs every
+    process on one machine, as SQLite studies already do. A database that cannot be opened here is
+    left to the storage to report.
+    """
     try:
         database = make_url(url).database
     except ArgumentError:
