@@ -473,6 +473,8 @@ def test_push_to_hub_without_a_token_stops_before_the_study(model, tmp_path, mon
             {"direction_scope": "global", "direction_index": 2.0, "direction_projection": 0.375},
             "layer 2.00, projected 0.38",
         ),
+        ({"direction_scope": "per-layer", "direction_projection": 0.0}, "per layer, mean difference"),
+        ({"direction_index": 4.0, "direction_projection": 1.0}, "layer 4.00, projected"),
     ],
 )
 def test_the_front_table_says_where_each_direction_comes_from(params, cell):

@@ -95,11 +95,13 @@ def judge_cells(counts: dict[str, int]) -> list[str]:
 
 def direction_cell(params: dict) -> str:
     """Where a trial's direction comes from: a layer index or each layer's own, and how far it was
-    projected against the harmless mean when that was searched."""
+    projected against the harmless mean when that was searched or chosen."""
     global_scope = direction_scope_of(params) == "global"
     cell = f"layer {params['direction_index']:.2f}" if global_scope else "per layer"
-    if "direction_projection" in params:
-        cell += f", projected {params['direction_projection']:.2f}"
+    projection = params.get("direction_projection")
+    if projection is not None:
+        named = {0.0: "mean difference", 1.0: "projected"}  # both ends, as `--direction choose` draws
+        cell += f", {named[projection]}" if projection in named else f", projected {projection:.2f}"
     return cell
 
 
