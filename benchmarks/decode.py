@@ -5,7 +5,8 @@ is timed through `ChatModel.generate` with abliterate's stop check and without i
 `--new-tokens` tokens (their difference is the decode steps' time); then the model's forward
 pass alone, compiled the same way and called step by step on a static cache, which is what a
 decode step costs without transformers' generation loop around it; then a profile of generate's
-steps, by operator. Random weights never end a response, so every run makes every token.
+steps, by operator. Random weights never end a response, so every run makes every token. Also
+one forward pass of the whole batch (what the prefill and the KL pass run), eager and compiled.
 
     PYTHONPATH=src:/tmp/site python3 benchmarks/decode.py --model /tmp/bench/model-7b
 """
@@ -69,6 +70,25 @@ def forward_steps(model: transformers.PreTrainedModel, batch: dict, new_tokens: 
                 cache_position=position, use_cache=True,
             ).logits  # fmt: skip
             token = logits[:, -1].argmax(-1, keepdim=True)
+
+    return run
+
+
+def whole_batch_forward(
+    model: transformers.PreTrainedModel, batch: dict, mode: str | None
+) -> Callable[[], None]:
+    """One forward pass of the whole batch, the last position's logits kept: what the prefill and
+    the KL pass run each trial (eagerly today), or compiled with torch.compile's `mode`."""
+    forward = model.forward if mode is None else torch.compile(model.forward, mode=mode, fullgraph=True)
+
+    @torch.inference_mode()
+    def run() -> None:
+        forward(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            logits_to_keep=1,
+            use_cache=False,
+        )
 
     return run
 
@@ -139,6 +159,17 @@ def measure(args: argparse.Namespace) -> None:
     checked = seconds(lambda: generate(batch, args.new_tokens, markers))
     print(f"generate, 1 token (prefill): {one:.3f} s")
     print(f"generate, {args.new_tokens} tokens: {plain:.3f} s, {(plain - one) / steps * 1e3:.2f} ms a step")
+    # The prefill and the KL pass: one whole-batch forward each, eager; would compiling pay?
+    for mode in (None, "default", "reduce-overhead"):
+        try:
+            spent = seconds(whole_batch_forward(chat.model, batch, mode))
+            print(
+                f"a whole-batch forward, {'eager' if mode is None else 'compiled, ' + mode}: {spent * 1e3:.1f} ms"
+            )
+        except Exception as error:  # a measurement, not a requirement: say why and go on
+            print(
+                f"a whole-batch forward, compiled {mode}: failed, {type(error).__name__}: {str(error)[:300]}"
+            )
     if args.quick:
         return
     print(f"  with the stop check every {chat.stop_check_every or 4} steps: {checked:.3f} s, "
