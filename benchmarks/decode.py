@@ -161,15 +161,12 @@ def measure(args: argparse.Namespace) -> None:
     print(f"generate, {args.new_tokens} tokens: {plain:.3f} s, {(plain - one) / steps * 1e3:.2f} ms a step")
     # The prefill and the KL pass: one whole-batch forward each, eager; would compiling pay?
     for mode in (None, "default", "reduce-overhead"):
+        label = "eager" if mode is None else f"compiled, {mode}"
         try:
             spent = seconds(whole_batch_forward(chat.model, batch, mode))
-            print(
-                f"a whole-batch forward, {'eager' if mode is None else 'compiled, ' + mode}: {spent * 1e3:.1f} ms"
-            )
+            print(f"a whole-batch forward, {label}: {spent * 1e3:.1f} ms")
         except Exception as error:  # a measurement, not a requirement: say why and go on
-            print(
-                f"a whole-batch forward, compiled {mode}: failed, {type(error).__name__}: {str(error)[:300]}"
-            )
+            print(f"a whole-batch forward, {label}: failed, {type(error).__name__}: {str(error)[:300]}")
     if args.quick:
         return
     print(f"  with the stop check every {chat.stop_check_every or 4} steps: {checked:.3f} s, "

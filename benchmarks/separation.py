@@ -19,10 +19,9 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from abliterate.components import find_components
-from abliterate.directions import capture_residuals
+from abliterate.directions import capture_residuals, refusal_directions
 from abliterate.model import load_chat_model
 
 PROMPTS = Path(__file__).resolve().parents[1] / "src" / "abliterate" / "data" / "prompts"
@@ -36,20 +35,15 @@ def cohens_d(harmful: torch.Tensor, harmless: torch.Tensor, direction: torch.Ten
 
 
 def separation(harmful: torch.Tensor, harmless: torch.Tensor) -> list[tuple[float, float]]:
-    """Per layer, Cohen's d along the mean-difference and along the projected direction, from
+    """Per layer, Cohen's d along the study's mean-difference and projected directions, from
     (prompts, layers, hidden) residuals."""
+    plain, projected = (
+        refusal_directions(harmful, harmless, method)[0] for method in ("mean-difference", "projected")
+    )
     rows = []
     for layer in range(harmful.shape[1]):
         hurt, calm = harmful[:, layer].float(), harmless[:, layer].float()
-        difference = hurt.mean(0) - calm.mean(0)
-        mean = F.normalize(calm.mean(0), dim=0)
-        projected = difference - (difference @ mean) * mean
-        rows.append(
-            (
-                cohens_d(hurt, calm, F.normalize(difference, dim=0)),
-                cohens_d(hurt, calm, F.normalize(projected, dim=0)),
-            )
-        )
+        rows.append((cohens_d(hurt, calm, plain[layer]), cohens_d(hurt, calm, projected[layer])))
     return rows
 
 

@@ -60,9 +60,8 @@ def main() -> None:
     one = None
     for workers in [int(n) for n in args.workers.split(",")]:
         url = f"sqlite:///{tempfile.mkdtemp()}/study.db"
-        open_study(
-            open_storage(url), "contention", 0, ALL_RANDOM, "stand-in"
-        )  # created once, before the race
+        # Created once, before the workers race to it.
+        open_study(open_storage(url), "contention", 0, ALL_RANDOM, "stand-in")
         results: multiprocessing.Queue = multiprocessing.Queue()
         processes = [
             multiprocessing.Process(target=work, args=(url, args.seconds, args.trial_seconds, results))
