@@ -164,6 +164,10 @@ def test_a_demo_study_begins_with_its_warm_starts(tmp_path, monkeypatch):
     searched = demo_study(tmp_path / "searched", "--direction", "search")
     starts = SearchSpace(num_layers=6, projection="search").warm_starts()
     assert len(starts) == 4 and [trial.params for trial in searched.trials] == starts
+    placed = demo_study(tmp_path / "placed", "--warm-start-depths", "1.0,0.2")
+    starts = SearchSpace(num_layers=6, warm_start_depths=(1.0, 0.2)).warm_starts()
+    assert [trial.params["direction_index"] for trial in placed.trials[:2]] == [5.0, 1.0]
+    assert [trial.params for trial in placed.trials[:2]] == starts
 
 
 def test_a_demo_study_stops_starting_trials_when_its_time_budget_is_spent(tmp_path, monkeypatch, capsys):

@@ -80,6 +80,7 @@ def test_lists_and_booleans_from_flags():
     settings = parse_settings(["--dtypes", "bfloat16, float32", "--cache-weights", "false", "--chat"])
     assert settings.dtypes == ["bfloat16", "float32"]
     assert settings.cache_weights is False and settings.chat is True
+    assert parse_settings(["--warm-start-depths", "0.3, 0.9"]).warm_start_depths == [0.3, 0.9]
 
 
 def test_every_field_has_a_flag():
@@ -96,6 +97,15 @@ def test_every_field_has_a_flag():
         ({"refusal_markers": " , "}, "--refusal-markers: give at least one marker (got ' , ')"),
         ({"time_budget": "soon"}, "--time-budget: write a duration as 90s, 30m, 2h or 1h30m (got 'soon')"),
         ({"time_budget": "0s"}, "--time-budget: Input should be greater than 0 (got 0.0)"),
+        (
+            {"warm_start_depths": "0.5,1.5"},
+            "--warm-start-depths: depths are fractions of the model's depth, from 0 (first layer) to 1 (last) "
+            "(got '0.5,1.5')",
+        ),
+        (
+            {"warm_start_depths": ","},
+            "--warm-start-depths: give at least one depth, or --warm-starts false for none (got ',')",
+        ),
         (
             {"direction": "median"},
             "--direction: Input should be 'mean-difference', 'projected', 'search' or 'choose' (got 'median')",

@@ -123,6 +123,17 @@ def test_warm_starts_are_one_direction_at_weight_one_over_every_layer(scope):
         assert all(torch.equal(edit.direction, edits[0].direction) for edit in edits)
 
 
+def test_warm_starts_take_their_directions_at_the_given_depths_kept_inside_the_range():
+    space = SearchSpace(num_layers=11, warm_start_depths=(0.5, 0.3, 0.1, 1.0))
+    assert [start["direction_index"] for start in space.warm_starts()] == [5.0, 3.0, 2.0, 10.0]  # 0.1 -> 0.2
+    wide = SearchSpace(num_layers=11, ranges="wide", warm_start_depths=(1.0,))
+    assert [start["direction_index"] for start in wide.warm_starts()] == [wide.bounds("direction_index")[1]]
+    searched = SearchSpace(num_layers=11, projection="choose", warm_start_depths=(0.7, 0.3))
+    assert [
+        (start["direction_index"], start["direction_projection"]) for start in searched.warm_starts()
+    ] == [(7.0, 1.0), (3.0, 1.0), (7.0, 0.0)]
+
+
 def test_a_per_layer_scope_has_no_warm_starts():
     assert SearchSpace(num_layers=8, direction_scope="per-layer").warm_starts() == []
 

@@ -32,8 +32,8 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
         *PROMPT_SETS, "refusal_markers", "refusal_judge", "refusal_classifier", "max_response_length", "kl_tokens",
     ),
     "search": (
-        "n_trials", "time_budget", "n_startup_trials", "warm_starts", "skip_dominated", "search_space", "seed",
-        "direction_scope", "direction", "row_norm",
+        "n_trials", "time_budget", "n_startup_trials", "warm_starts", "warm_start_depths", "skip_dominated",
+        "search_space", "seed", "direction_scope", "direction", "row_norm",
     ),
     "weight reset between trials": ("reset", "cache_weights", "verify_restore"),
     "output and study": ("output", "select", "chat", "push_to_hub", "hub_private", "storage", "study_name"),
@@ -144,7 +144,7 @@ def _add_setting(parser: argparse._ArgumentGroup, name: str, field: FieldInfo) -
         )
         return
     default = field.default
-    shown = ",".join(default) if isinstance(default, list) else default
+    shown = ",".join(map(str, default)) if isinstance(default, list) else default
     help_text = field.description
     if default is not None and "default:" not in (help_text or ""):
         help_text = f"{help_text} (default: {shown})"

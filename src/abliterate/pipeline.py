@@ -401,6 +401,7 @@ def search(session: Session, console: Console) -> None:
         direction_scope=settings.direction_scope,
         ranges=settings.search_space,
         projection=settings.direction if settings.direction in ("search", "choose") else "fixed",
+        warm_start_depths=tuple(settings.warm_start_depths),
     )
     plan_warm_starts(session.study, space.warm_starts() if settings.warm_starts else [])
     eval_prompts = stored.eval_prompts

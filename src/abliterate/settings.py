@@ -160,6 +160,12 @@ class Settings(BaseSettings):
         True,
         description="begin a new study with classic edits (one direction, weight 1 on every layer)",
     )
+    warm_start_depths: Annotated[list[float], NoDecode] = Field(
+        [0.6, 0.4, 0.8],
+        description="where the warm starts take their directions, as fractions of the depth (comma-"
+        "separated; kept inside the --search-space range)",
+        json_schema_extra={"metavar": "X,Y,..."},
+    )
     search_space: SpaceName = Field(
         "calibrated",
         description="parameter ranges: calibrated (measured on real models) or wide (any depth, as before)",
@@ -265,7 +271,7 @@ class Settings(BaseSettings):
     def _duration_in_seconds(cls, value: Any) -> Any:
         return parse_duration(value) if isinstance(value, str) else value
 
-    @field_validator("dtypes", "refusal_markers", "gpus", mode="before")
+    @field_validator("dtypes", "refusal_markers", "gpus", "warm_start_depths", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         """Lists come as lists (TOML), as `a,b` (flags, environment) or as JSON `["a", "b"]`."""
@@ -287,6 +293,15 @@ class Settings(BaseSettings):
         unknown = [d for d in value if d not in known]
         if unknown:
             raise ValueError(f"unknown dtype {unknown[0]!r}; choose from {', '.join(sorted(known))}")
+        return value
+
+    @field_validator("warm_start_depths")
+    @classmethod
+    def _depths_are_fractions(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("give at least one depth, or --warm-starts false for none")
+        if any(not 0.0 <= depth <= 1.0 for depth in value):
+            raise ValueError("depths are fractions of the model's depth, from 0 (first layer) to 1 (last)")
         return value
 
     @field_validator("select")

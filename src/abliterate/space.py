@@ -71,6 +71,9 @@ class SearchSpace:
     # fixed: the study's basis says (a fixed direction method); search: a float from 0 to 1;
     # choose: 0 or 1, the mean difference or the projected direction.
     projection: Literal["fixed", "search", "choose"] = "fixed"
+    # Where the warm starts take their directions, as fractions of the depth; with a searched or
+    # chosen projection, the first one is tried once more unprojected.
+    warm_start_depths: tuple[float, ...] = (0.6, 0.4, 0.8)
 
     def bounds(self, name: str) -> tuple[float, float]:
         """A parameter's bounds in layers (or as they are, for weights)."""
@@ -102,22 +105,23 @@ class SearchSpace:
 
         The classic abliteration of Arditi et al.: one global direction projected out of every
         layer at a flat weight of 1 (the kernel peaks as near the middle of the stack as its range
-        allows and reaches as far as it may), the direction taken from the middle of its range,
-        then from a quarter and three quarters of the way. A searched or chosen projection starts
-        fully projected, and the middle direction is tried once more unprojected.
+        allows and reaches as far as it may), the direction taken from each of `warm_start_depths`
+        (kept inside the direction index's range). A searched or chosen projection starts fully
+        projected, and the first depth is tried once more unprojected.
         """
         if self.direction_scope == "per-layer":
             return []
         low, high = self.bounds("direction_index")
         lowest, highest = self.bounds("max_weight_position")
         middle = min(max((self.num_layers - 1) / 2, lowest), highest)
-        starts = []
+        indices = [min(max(depth * (self.num_layers - 1), low), high) for depth in self.warm_start_depths]
         if self.projection != "fixed":
-            index_and_projection = [(0.5, 1.0), (0.25, 1.0), (0.75, 1.0), (0.5, 0.0)]
+            index_and_projection = [(index, 1.0) for index in indices] + [(indices[0], 0.0)]
         else:
-            index_and_projection = [(0.5, None), (0.25, None), (0.75, None)]
-        for fraction, projection in index_and_projection:
-            params: dict = {"direction_index": low + fraction * (high - low)}
+            index_and_projection = [(index, None) for index in indices]
+        starts = []
+        for index, projection in index_and_projection:
+            params: dict = {"direction_index": index}
             if self.direction_scope == "search":
                 params["direction_scope"] = "global"
             if projection is not None:
