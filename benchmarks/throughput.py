@@ -18,6 +18,7 @@ when workers share the GPU.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def run(model: Path, workdir: Path, workers: int, args) -> dict:
     gpus = ["--gpus", ",".join(["0"] * workers)] if workers > 1 and torch.cuda.is_available() else []
     command = [
         sys.executable, "-m", "abliterate", "--model", str(model), "--output", str(output),
-        "--dtypes", "bfloat16", "--max-response-length", str(args.max_response_length),
+        "--dtypes", args.dtype, "--max-response-length", str(args.max_response_length),
         "--n-trials", str(args.trials), "--n-startup-trials", str(args.trials), "--seed", "0",
         "--system-prompt", SYSTEM_PROMPT, "--select", "none", "--skip-dominated", "false",
         "--workers", str(workers), *gpus,
@@ -58,6 +59,15 @@ def run(model: Path, workdir: Path, workers: int, args) -> dict:
         for phase, spent in seconds.items():
             phases.setdefault(phase, []).append(spent)
         phases.setdefault("rest", []).append(trial.duration.total_seconds() - sum(seconds.values()))
+    # And the time a worker spends between its trials (the callbacks, the run loop's look at the
+    # storage, the next trial's creation): from one trial's end to the same worker's next start.
+    by_start: dict[str, list] = {}
+    for trial in sorted(finished, key=lambda trial: trial.datetime_start):
+        by_start.setdefault(trial.user_attrs["worker"], []).append(trial)
+    for own in by_start.values():
+        for previous, following in itertools.pairwise(own):
+            gap = (following.datetime_start - previous.datetime_complete).total_seconds()
+            phases.setdefault("between", []).append(gap)
     result["median_s"] = {phase: round(statistics.median(spent), 4) for phase, spent in phases.items()}
     # Steady state: from the moment every worker has finished a trial to the first worker's last one.
     start = max(min(times) for times in by_worker.values())
@@ -71,23 +81,28 @@ def run(model: Path, workdir: Path, workers: int, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tp"))
-    parser.add_argument("--models", default="135m")
+    parser.add_argument("--models", default="135m", help="shapes of trials.py, or model folders")
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--max-response-length", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16", help="float32 for a CPU")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(
-        f"device: {device}; {args.trials} random trials a study, {args.max_response_length} new tokens, bf16"
+        f"device: {device}; {args.trials} random trials a study, {args.max_response_length} new tokens, {args.dtype}"
     )
     rows = []
     for name in args.models.split(","):
-        model = prepare_model(name, args.workdir)
+        model = Path(name) if Path(name).is_dir() else prepare_model(name, args.workdir)
+        name = model.name
         for workers in map(int, args.workers.split(",")):
             rows.append((name, workers, run(model, args.workdir, workers, args)))
             print(f"{name}, {workers} workers: {rows[-1][2]}", flush=True)  # kept if a later run dies
-    print("\nmedian seconds a trial, by phase (rest: sampler, storage, the trial's own bookkeeping):")
+    print(
+        "\nmedian seconds a trial, by phase (rest: sampler, storage, the trial's own bookkeeping; between: "
+        "from a worker's trial to its next)"
+    )
     for name, workers, row in rows:
         print(f"{name}, {workers} workers: {row['median_s']}")
     print("\n| model | workers | trials | trials per hour | x one worker | whole run |")

@@ -136,7 +136,8 @@ def test_a_short_study_on_the_demo_model_removes_refusals(tmp_path, monkeypatch,
 @pytest.mark.parametrize("method", ["mean-difference", "projected", "search", "choose"])
 def test_a_demo_study_with_each_direction_method(tmp_path, monkeypatch, method):
     monkeypatch.chdir(tmp_path)
-    study = demo_study(tmp_path, "--direction", method)
+    # One warm start (two with a searched projection), so that the other trials are drawn.
+    study = demo_study(tmp_path, "--direction", method, "--warm-start-depths", "0.5")
     assert study.user_attrs["scoring"]["--direction"] == method
     assert StudyData(study).directions.shape == (2, 6, 192)
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
@@ -160,10 +161,10 @@ def test_a_demo_study_begins_with_its_warm_starts(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     study = demo_study(tmp_path)  # the defaults: warm starts
     starts = SearchSpace(num_layers=6).warm_starts()
-    assert len(starts) == 3 and [trial.params for trial in study.trials[:3]] == starts
-    searched = demo_study(tmp_path / "searched", "--direction", "search")
+    assert len(starts) == 4 and [trial.params for trial in study.trials] == starts
+    searched = demo_study(tmp_path / "searched", "--direction", "search", "--n-trials", "5")
     starts = SearchSpace(num_layers=6, projection="search").warm_starts()
-    assert len(starts) == 4 and [trial.params for trial in searched.trials] == starts
+    assert len(starts) == 5 and [trial.params for trial in searched.trials] == starts
     placed = demo_study(tmp_path / "placed", "--warm-start-depths", "1.0,0.2")
     starts = SearchSpace(num_layers=6, warm_start_depths=(1.0, 0.2)).warm_starts()
     assert [trial.params["direction_index"] for trial in placed.trials[:2]] == [5.0, 1.0]

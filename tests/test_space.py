@@ -111,7 +111,7 @@ def test_warm_starts_are_one_direction_at_weight_one_over_every_layer(scope):
     starts = space.warm_starts()
     indices = [start["direction_index"] for start in starts]
     low, high = space.bounds("direction_index")
-    assert len(set(indices)) == 3 and all(low <= index <= high for index in indices)
+    assert len(set(indices)) == 4 and all(low <= index <= high for index in indices)
     directions = torch.nn.functional.normalize(torch.randn(11, 8), dim=-1)
     for start in starts:
         assert start.get("direction_scope", "global") == "global"
@@ -176,7 +176,7 @@ def test_a_chosen_projection_is_the_mean_difference_or_the_projected_direction()
 def test_warm_starts_of_a_searched_projection_try_both_ends(projection):
     space = SearchSpace(num_layers=11, direction_scope="global", projection=projection)
     starts = space.warm_starts()
-    assert [start["direction_projection"] for start in starts] == [1.0, 1.0, 1.0, 0.0]
-    # The unprojected one repeats the middle direction, the first projected one's.
-    assert starts[3]["direction_index"] == starts[0]["direction_index"]
+    assert [start["direction_projection"] for start in starts] == [1.0, 1.0, 1.0, 1.0, 0.0]
+    # The unprojected one repeats the first depth's direction.
+    assert starts[4]["direction_index"] == starts[0]["direction_index"]
     assert all(set(start) == set(space.sample(optuna.create_study().ask())) for start in starts)

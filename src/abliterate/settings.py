@@ -161,7 +161,7 @@ class Settings(BaseSettings):
         description="begin a new study with classic edits (one direction, weight 1 on every layer)",
     )
     warm_start_depths: Annotated[list[float], NoDecode] = Field(
-        [0.6, 0.4, 0.8],
+        [0.5, 0.3, 0.7, 0.9],
         description="where the warm starts take their directions, as fractions of the depth (comma-"
         "separated; kept inside the --search-space range)",
         json_schema_extra={"metavar": "X,Y,..."},

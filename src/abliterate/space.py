@@ -72,8 +72,10 @@ class SearchSpace:
     # choose: 0 or 1, the mean difference or the projected direction.
     projection: Literal["fixed", "search", "choose"] = "fixed"
     # Where the warm starts take their directions, as fractions of the depth; with a searched or
-    # chosen projection, the first one is tried once more unprojected.
-    warm_start_depths: tuple[float, ...] = (0.6, 0.4, 0.8)
+    # chosen projection, the first one is tried once more unprojected. Good directions lie at 0.2-0.5
+    # of the depth on Gemma 3 and at 0.8-1.0 on SmolLM2: four depths land inside both zones, where
+    # 0.4/0.6/0.8 met each at its edge (Gemma 0.954 against 0.924, SmolLM2 0.919 against 0.923).
+    warm_start_depths: tuple[float, ...] = (0.5, 0.3, 0.7, 0.9)
 
     def bounds(self, name: str) -> tuple[float, float]:
         """A parameter's bounds in layers (or as they are, for weights)."""
