@@ -9,8 +9,10 @@ steady state, from the moment every worker has finished a trial to the first wor
 what a long study is made of once every worker has loaded and compiled (paid once per study,
 printed beside it as the whole run's time). The first worker begins its trials while the others
 load, so a short study may end before they begin: give enough trials (200 on a 135M model). Each
-worker count's median trial is also taken apart into its phases, to show which of them stretch
-when workers share the GPU.
+worker count's trials are also taken apart into their phases (median and mean), with the time a
+worker spends between two of its trials, to show what stretches when workers share the GPU.
+A model folder may stand for a shape: `--models src/abliterate/data/demo_model --dtype float32`
+runs on a CPU.
 
     PYTHONPATH=src:/tmp/site python3 benchmarks/throughput.py --workdir /tmp/tp --models 135m --workers 1,2,4 --trials 200
 """
@@ -47,10 +49,15 @@ def run(model: Path, workdir: Path, workers: int, args) -> dict:
     storage = f"sqlite:///{output / 'study.db'}"
     study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
     finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    return {"wall": wall, **measure(finished, workers)}
+
+
+def measure(finished: list[optuna.trial.FrozenTrial], workers: int) -> dict:
+    """A study's finished trials: how many, the steady-state rate, and where their time went."""
     by_worker: dict[str, list] = {}
     for trial in finished:
         by_worker.setdefault(trial.user_attrs["worker"], []).append(trial.datetime_complete)
-    result = {"trials": len(finished), "workers_with_trials": len(by_worker), "wall": wall, "per_hour": None}
+    result = {"trials": len(finished), "workers_with_trials": len(by_worker), "per_hour": None}
     # Where a trial's time goes as workers are added: the phases each trial records, and the rest of
     # its duration (drawing its parameters, the storage, reading the live trials).
     phases: dict[str, list[float]] = {}
@@ -69,6 +76,8 @@ def run(model: Path, workdir: Path, workers: int, args) -> dict:
             gap = (following.datetime_start - previous.datetime_complete).total_seconds()
             phases.setdefault("between", []).append(gap)
     result["median_s"] = {phase: round(statistics.median(spent), 4) for phase, spent in phases.items()}
+    # Means too: a few long waits (a storage lock, a stall) hide from the medians.
+    result["mean_s"] = {phase: round(statistics.fmean(spent), 4) for phase, spent in phases.items()}
     # Steady state: from the moment every worker has finished a trial to the first worker's last one.
     start = max(min(times) for times in by_worker.values())
     end = min(max(times) for times in by_worker.values())
@@ -100,11 +109,11 @@ def main() -> None:
             rows.append((name, workers, run(model, args.workdir, workers, args)))
             print(f"{name}, {workers} workers: {rows[-1][2]}", flush=True)  # kept if a later run dies
     print(
-        "\nmedian seconds a trial, by phase (rest: sampler, storage, the trial's own bookkeeping; between: "
+        "\nseconds a trial, by phase (rest: sampler, storage, the trial's own bookkeeping; between: "
         "from a worker's trial to its next)"
     )
     for name, workers, row in rows:
-        print(f"{name}, {workers} workers: {row['median_s']}")
+        print(f"{name}, {workers} workers: median {row['median_s']}, mean {row['mean_s']}")
     print("\n| model | workers | trials | trials per hour | x one worker | whole run |")
     print("|---|---|---|---|---|---|")
     for name, workers, row in rows:

@@ -1,0 +1,54 @@
+"""benchmarks/throughput.py: the steady-state rate of several workers and where their time goes."""
+
+import importlib.util
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import optuna
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # throughput.py imports trials.py beside it
+spec = importlib.util.spec_from_file_location("throughput", BENCHMARKS / "throughput.py")
+throughput = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(throughput)
+sys.path.remove(str(BENCHMARKS))
+
+T0 = datetime(2026, 12, 3, 8, 0, 0)
+
+
+def trial(number: int, worker: str, start: float, end: float, refusals: float) -> optuna.trial.FrozenTrial:
+    return optuna.trial.FrozenTrial(
+        number=number,
+        state=optuna.trial.TrialState.COMPLETE,
+        value=None,
+        values=[0.0, 0.0],
+        datetime_start=T0 + timedelta(seconds=start),
+        datetime_complete=T0 + timedelta(seconds=end),
+        params={},
+        distributions={},
+        user_attrs={"worker": worker, "seconds": {"refusals": refusals}},
+        system_attrs={},
+        intermediate_values={},
+        trial_id=number,
+    )
+
+
+def test_two_workers_rate_their_steady_state_and_show_the_time_between_their_trials():
+    # Worker a: trials of 1 s with 1 s between them, from t=0; worker b starts late (it loaded).
+    finished = [trial(i, "a", 2 * i, 2 * i + 1, 0.75) for i in range(6)]
+    finished += [trial(6 + i, "b", 5 + 2 * i, 6 + 2 * i, 0.75) for i in range(3)]
+    result = throughput.measure(finished, workers=2)
+    assert result["trials"] == 9 and result["workers_with_trials"] == 2
+    # Steady state from b's first end (6 s) to the first last end (b's, 10 s): a ends at 7 and 9,
+    # b at 8 and 10: 4 trials in 4 s.
+    assert result["per_hour"] == pytest.approx(3600.0)
+    assert result["median_s"] == {"refusals": 0.75, "rest": 0.25, "between": 1.0}
+    assert result["mean_s"]["between"] == pytest.approx(1.0)
+
+
+def test_a_worker_that_never_finished_a_trial_leaves_no_steady_state():
+    finished = [trial(i, "a", 2 * i, 2 * i + 1, 0.5) for i in range(3)]
+    result = throughput.measure(finished, workers=2)
+    assert result["per_hour"] is None and result["workers_with_trials"] == 1
