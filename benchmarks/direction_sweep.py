@@ -100,7 +100,12 @@ def main() -> None:
         for layer in layers:
             for rank in (int(x) for x in args.ranks.split(",")):
                 started = time.time()
-                removed = subspace(residuals[0][:, layer], residuals[1][:, layer], directions[layer], rank)
+                removed = subspace(
+                    residuals[0][:, layer].float(),
+                    residuals[1][:, layer].float(),
+                    directions[layer].float(),
+                    rank,
+                )
                 try:
                     for *_, matrix in editable.matrices():
                         for direction in removed:  # orthonormal: one after another removes their span
