@@ -10,7 +10,8 @@ what a long study is made of once every worker has loaded and compiled (paid onc
 printed beside it as the whole run's time). The first worker begins its trials while the others
 load, so a short study may end before they begin: give enough trials (200 on a 135M model). Each
 worker count's trials are also taken apart into their phases (median and mean), with the time a
-worker spends between two of its trials, to show what stretches when workers share the GPU.
+worker spends between two of its trials, to show what stretches when workers share the GPU, and
+the long trials' share; each study's trials are written to `timeline-N-MODEL.json` in the workdir.
 A model folder may stand for a shape: `--models src/abliterate/data/demo_model --dtype float32`
 runs on a CPU.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import statistics
 import subprocess
 import sys
@@ -49,7 +51,24 @@ def run(model: Path, workdir: Path, workers: int, args) -> dict:
     storage = f"sqlite:///{output / 'study.db'}"
     study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
     finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    (workdir / f"timeline-{workers}-{model.name}.json").write_text(json.dumps(timeline(finished)))
     return {"wall": wall, **measure(finished, workers)}
+
+
+def timeline(finished: list[optuna.trial.FrozenTrial]) -> list[dict]:
+    """Each trial's worker, start and end (seconds from the study's first start) and phases: to see
+    whether long trials come together (a stall of the whole GPU) or one worker at a time."""
+    zero = min(trial.datetime_start for trial in finished)
+    return [
+        {
+            "number": trial.number,
+            "worker": trial.user_attrs["worker"],
+            "start": (trial.datetime_start - zero).total_seconds(),
+            "end": (trial.datetime_complete - zero).total_seconds(),
+            "seconds": trial.user_attrs.get("seconds", {}),
+        }
+        for trial in sorted(finished, key=lambda trial: trial.datetime_start)
+    ]
 
 
 def measure(finished: list[optuna.trial.FrozenTrial], workers: int) -> dict:
@@ -78,6 +97,15 @@ def measure(finished: list[optuna.trial.FrozenTrial], workers: int) -> dict:
     result["median_s"] = {phase: round(statistics.median(spent), 4) for phase, spent in phases.items()}
     # Means too: a few long waits (a storage lock, a stall) hide from the medians.
     result["mean_s"] = {phase: round(statistics.fmean(spent), 4) for phase, spent in phases.items()}
+    # How long the long trials are, and how many: the tail that separates a mean from a median.
+    durations = sorted(trial.duration.total_seconds() for trial in finished)
+    typical = statistics.median(durations)
+    result["trial_s"] = {
+        "median": round(typical, 4),
+        "p90": round(durations[int(0.9 * (len(durations) - 1))], 4),
+        "max": round(durations[-1], 4),
+        "share_over_2x_median": round(sum(d > 2 * typical for d in durations) / len(durations), 3),
+    }
     # Steady state: from the moment every worker has finished a trial to the first worker's last one.
     start = max(min(times) for times in by_worker.values())
     end = min(max(times) for times in by_worker.values())
@@ -113,7 +141,9 @@ def main() -> None:
         "from a worker's trial to its next)"
     )
     for name, workers, row in rows:
-        print(f"{name}, {workers} workers: median {row['median_s']}, mean {row['mean_s']}")
+        print(
+            f"{name}, {workers} workers: median {row['median_s']}, mean {row['mean_s']}, trial {row['trial_s']}"
+        )
     print("\n| model | workers | trials | trials per hour | x one worker | whole run |")
     print("|---|---|---|---|---|---|")
     for name, workers, row in rows:

@@ -52,3 +52,13 @@ def test_a_worker_that_never_finished_a_trial_leaves_no_steady_state():
     finished = [trial(i, "a", 2 * i, 2 * i + 1, 0.5) for i in range(3)]
     result = throughput.measure(finished, workers=2)
     assert result["per_hour"] is None and result["workers_with_trials"] == 1
+
+
+def test_the_long_trials_are_counted_and_the_timeline_keeps_every_trial():
+    # Four trials of 1 s and one of 5 s, one worker.
+    finished = [trial(i, "a", 2 * i, 2 * i + 1, 0.5) for i in range(4)] + [trial(4, "a", 8, 13, 4.5)]
+    result = throughput.measure(finished, workers=1)
+    assert result["trial_s"] == {"median": 1.0, "p90": 1.0, "max": 5.0, "share_over_2x_median": 0.2}
+    rows = throughput.timeline(list(reversed(finished)))
+    assert [row["number"] for row in rows] == [0, 1, 2, 3, 4]
+    assert rows[4] == {"number": 4, "worker": "a", "start": 8.0, "end": 13.0, "seconds": {"refusals": 4.5}}
