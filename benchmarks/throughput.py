@@ -12,6 +12,8 @@ load, so a short study may end before they begin: give enough trials (200 on a 1
 worker count's trials are also taken apart into their phases (median and mean), with the time a
 worker spends between two of its trials, to show what stretches when workers share the GPU, and
 the long trials' share; each study's trials are written to `timeline-N-MODEL.json` in the workdir.
+Where nvidia-smi runs, the GPU's utilization in the steady state too (`GPU busy`): the share of
+time in which some kernel ran.
 A model folder may stand for a shape: `--models src/abliterate/data/demo_model --dtype float32`
 runs on a CPU.
 
@@ -21,12 +23,15 @@ runs on a CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -46,13 +51,51 @@ def run(model: Path, workdir: Path, workers: int, args) -> dict:
         "--workers", str(workers), *gpus,
     ]  # fmt: skip
     started = time.perf_counter()
-    subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
+    with GpuBusy() as busy:
+        subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
     wall = time.perf_counter() - started
     storage = f"sqlite:///{output / 'study.db'}"
     study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
     finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     (workdir / f"timeline-{workers}-{model.name}.json").write_text(json.dumps(timeline(finished)))
-    return {"wall": wall, **measure(finished, workers)}
+    return {"wall": wall, **measure(finished, workers, busy.samples)}
+
+
+class GpuBusy:
+    """The GPU's utilization while the block runs, sampled by nvidia-smi every 100 ms: the share of
+    each sample period in which a kernel ran (any process's). Without NVIDIA's Multi-Process Service
+    the GPU runs one process's kernels at a time, so workers can only fill the time one leaves idle."""
+
+    def __enter__(self) -> GpuBusy:
+        self.samples: list[tuple[datetime, float]] = []
+        query = [
+            "nvidia-smi",
+            "--query-gpu=timestamp,utilization.gpu",
+            "--format=csv,noheader,nounits",
+            "-lms",
+            "100",
+        ]
+        self._process = (
+            subprocess.Popen(query, stdout=subprocess.PIPE, text=True) if shutil.which("nvidia-smi") else None
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        output, _ = self._process.communicate()
+        self.samples = parse_utilization(output)
+
+
+def parse_utilization(output: str) -> list[tuple[datetime, float]]:
+    """nvidia-smi's lines "2026/12/03 09:30:01.123, 57" (the first GPU's only) as (time, percent)."""
+    samples = []
+    for line in output.splitlines():
+        stamp, _, percent = line.partition(",")
+        with contextlib.suppress(ValueError):
+            samples.append((datetime.strptime(stamp.strip(), "%Y/%m/%d %H:%M:%S.%f"), float(percent)))
+    return samples
 
 
 def timeline(finished: list[optuna.trial.FrozenTrial]) -> list[dict]:
@@ -71,8 +114,11 @@ def timeline(finished: list[optuna.trial.FrozenTrial]) -> list[dict]:
     ]
 
 
-def measure(finished: list[optuna.trial.FrozenTrial], workers: int) -> dict:
-    """A study's finished trials: how many, the steady-state rate, and where their time went."""
+def measure(
+    finished: list[optuna.trial.FrozenTrial], workers: int, utilization: list[tuple[datetime, float]] = ()
+) -> dict:
+    """A study's finished trials: how many, the steady-state rate, and where their time went; with
+    the GPU's utilization samples, its mean in the steady state."""
     by_worker: dict[str, list] = {}
     for trial in finished:
         by_worker.setdefault(trial.user_attrs["worker"], []).append(trial.datetime_complete)
@@ -112,6 +158,8 @@ def measure(finished: list[optuna.trial.FrozenTrial], workers: int) -> dict:
     within = sum(start < done <= end for times in by_worker.values() for done in times)
     if len(by_worker) == workers and end > start and within:
         result["per_hour"] = within / (end - start).total_seconds() * 3600
+    steady = [percent for moment, percent in utilization if start <= moment <= end]
+    result["gpu_busy"] = round(statistics.fmean(steady), 1) if steady else None
     return result
 
 
@@ -144,18 +192,19 @@ def main() -> None:
         print(
             f"{name}, {workers} workers: median {row['median_s']}, mean {row['mean_s']}, trial {row['trial_s']}"
         )
-    print("\n| model | workers | trials | trials per hour | x one worker | whole run |")
-    print("|---|---|---|---|---|---|")
+    print("\n| model | workers | trials | trials per hour | x one worker | GPU busy | whole run |")
+    print("|---|---|---|---|---|---|---|")
     for name, workers, row in rows:
         one = next((r for n, w, r in rows if n == name and w == 1), None)
         if row["per_hour"] is None:  # the first worker ran the study out before the others began
             print(
-                f"| {name} | {workers} | {row['trials']} | no steady state: raise --trials | | {row['wall']:.0f} s |"
+                f"| {name} | {workers} | {row['trials']} | no steady state: raise --trials | | | {row['wall']:.0f} s |"
             )
             continue
         ratio = f"{row['per_hour'] / one['per_hour']:.2f}x" if one and one["per_hour"] else ""
+        busy = f"{row['gpu_busy']:.0f}%" if row["gpu_busy"] is not None else ""
         print(
-            f"| {name} | {workers} | {row['trials']} | {row['per_hour']:.0f} | {ratio} | {row['wall']:.0f} s |"
+            f"| {name} | {workers} | {row['trials']} | {row['per_hour']:.0f} | {ratio} | {busy} | {row['wall']:.0f} s |"
         )
 
 

@@ -62,3 +62,15 @@ def test_the_long_trials_are_counted_and_the_timeline_keeps_every_trial():
     rows = throughput.timeline(list(reversed(finished)))
     assert [row["number"] for row in rows] == [0, 1, 2, 3, 4]
     assert rows[4] == {"number": 4, "worker": "a", "start": 8.0, "end": 13.0, "seconds": {"refusals": 4.5}}
+
+
+def test_the_gpu_is_busy_as_nvidia_smi_says_within_the_steady_state():
+    output = "2026/12/03 08:00:04.000, 10\n2026/12/03 08:00:07.500, 90\n2026/12/03 08:00:09.000, 70\n"
+    output += "2026/12/03 08:00:30.000, 0\nnot a sample\n"
+    samples = throughput.parse_utilization(output)
+    assert samples[1] == (T0 + timedelta(seconds=7.5), 90.0) and len(samples) == 4
+    # The steady state of the two-worker study above runs from 6 s to 10 s: two samples within.
+    finished = [trial(i, "a", 2 * i, 2 * i + 1, 0.75) for i in range(6)]
+    finished += [trial(6 + i, "b", 5 + 2 * i, 6 + 2 * i, 0.75) for i in range(3)]
+    assert throughput.measure(finished, workers=2, utilization=samples)["gpu_busy"] == 80.0
+    assert throughput.measure(finished, workers=2)["gpu_busy"] is None
