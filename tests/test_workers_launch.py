@@ -97,3 +97,33 @@ def test_every_line_a_worker_prints_starts_with_its_name(capsys):
         "worker 1 (GPU 3): loading the built-in demo model",
         "worker 1 (GPU 3): trial    4: refusals   2/10, KL 0.0312",
     ]
+
+
+def test_workers_sharing_a_gpu_without_mps_are_told_how_to_run_side_by_side(tmp_path: Path):
+    without = {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)}
+    advice = workers.sharing_advice(["3", "3", "5"], without)
+    assert advice.startswith("workers share GPU 3 without NVIDIA MPS")
+    assert "nvidia-cuda-mps-control -d" in advice
+    assert workers.sharing_advice(["3", "5"], without) is None  # one worker a GPU: nothing to share
+    assert workers.sharing_advice([], without) is None  # the CPU
+    (tmp_path / "control").touch()  # the daemon's pipe: MPS is on
+    assert workers.mps_running(without)
+    assert workers.sharing_advice(["3", "3"], without) is None
+
+
+def test_launch_passes_the_sharing_advice_to_its_note(monkeypatch, tmp_path: Path):
+    class FakeProcess:
+        def __init__(self, command, env):
+            pass
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(workers.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(workers.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(workers, "_wait_for_directions", lambda *args: None)
+    notes = []
+    workers.launch(Settings(workers=2, gpus=[0, 0]), "sqlite://", "study", tmp_path, note=notes.append)
+    assert len(notes) == 1 and notes[0].startswith("workers share GPU 0 without NVIDIA MPS")

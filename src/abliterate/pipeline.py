@@ -131,7 +131,7 @@ def _run_in(output: Path, settings: Settings, console: Console, command: str | N
         console.print(f"starting {settings.workers} workers on study {study_name!r} in {storage_url}")
         if not torch.cuda.is_available():
             console.print(f"no GPU is visible: the {settings.workers} workers share the CPU")
-        workers.launch(settings, storage_url, study_name, output)
+        workers.launch(settings, storage_url, study_name, output, note=console.print)
     session = prepare(settings, console)
     selection = settings.selection
     if selection is not None and selection.rule == "trial":
