@@ -102,7 +102,7 @@ def test_every_line_a_worker_prints_starts_with_its_name(capsys):
 def test_workers_sharing_a_gpu_without_mps_are_told_how_to_run_side_by_side(tmp_path: Path):
     without = {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)}
     advice = workers.sharing_advice(["3", "3", "5"], without)
-    assert advice.startswith("workers share GPU 3 without NVIDIA MPS")
+    assert advice.startswith("workers share GPU 3 but NVIDIA MPS is not running")
     assert "nvidia-cuda-mps-control -d" in advice
     assert workers.sharing_advice(["3", "5"], without) is None  # one worker a GPU: nothing to share
     assert workers.sharing_advice([], without) is None  # the CPU
@@ -126,4 +126,4 @@ def test_launch_passes_the_sharing_advice_to_its_note(monkeypatch, tmp_path: Pat
     monkeypatch.setattr(workers, "_wait_for_directions", lambda *args: None)
     notes = []
     workers.launch(Settings(workers=2, gpus=[0, 0]), "sqlite://", "study", tmp_path, note=notes.append)
-    assert len(notes) == 1 and notes[0].startswith("workers share GPU 0 without NVIDIA MPS")
+    assert len(notes) == 1 and notes[0].startswith("workers share GPU 0 but NVIDIA MPS is not running")

@@ -98,9 +98,9 @@ def sharing_advice(devices: list[str], environment: Mapping[str, str]) -> str | 
     if not shared or mps_running(environment):
         return None
     return (
-        f"workers share GPU {', '.join(shared)} without NVIDIA MPS, which runs one process's kernels at a "
-        "time (4 workers of a 135M model: 1.6x one worker's trials per hour, under MPS 2.0x); for more, "
-        "start `nvidia-cuda-mps-control -d` before the study"
+        f"workers share GPU {', '.join(shared)} but NVIDIA MPS is not running, so the GPU runs one worker's "
+        "kernels at a time (4 workers of a 135M model: 1.6x one worker's trials per hour, under MPS 2.0x); "
+        "for more, start `nvidia-cuda-mps-control -d` before the study"
     )
 
 
