@@ -18,10 +18,13 @@
 #     253 MB): `.gm1` to `.gm7` copied to /tmp/gm, then `.gm8` (28 MB), copied and run. `.gm8` and
 #     `.whl` exceed 64 MiB with the tree: a fresh machine first gets `.whl` alone, in a call that
 #     runs the install line below (a machine that ran the smollm2 benchmark has it already).
-# What comes back in $OUT: $RESULT.json, res.tgz (every study's log), and a trained adapter.
+# What comes back in $OUT: $RESULT.json, res.tgz (every study's log), state.tgz (the runs' studies
+# and heretic's checkpoints, without caches or models) and a trained adapter.
 # Studies longer than a call (TRIALS=200): at BUDGET seconds every tool gets a Ctrl-C and the runs
 # are written as far as they got; the next call on the same warm machine, with the same arguments
-# plus `--resume`, continues them (the machine keeps /tmp/q between calls while it is warm).
+# plus `--resume`, continues them (the machine keeps /tmp/q between calls while it is warm). On a
+# fresh machine (a later session), carry the state.tgz of the last call in a git-excluded folder and
+# name it in STATE=: it becomes /tmp/q again before the runs resume.
 set -u
 # Once per warm machine: a later call may leave `.whl` behind to carry more of a GGUF.
 [ -d /tmp/site/optuna ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -42,6 +45,7 @@ case $ORGANISM in
   *) echo "unknown ORGANISM $ORGANISM"; exit 1 ;;
 esac
 MODEL=/tmp/org-$ORGANISM/model
+if [ -n "${STATE:-}" ] && [ ! -d /tmp/q ]; then tar xzf "$STATE" -C /tmp || exit 1; fi
 mkdir -p "$(dirname $GGUF)" /tmp/res
 [ -f $GGUF ] || cat $PARTS/* > $GGUF
 echo "$SHA  $GGUF" | sha256sum -c || exit 1
@@ -61,3 +65,4 @@ cp /tmp/res/*.json "$OUT"/ 2>/dev/null
 mkdir -p /tmp/res/logs && cp /tmp/q/*.log /tmp/res/logs/ 2>/dev/null
 for d in /tmp/q/heretic-seed*; do cp "$d/heretic.log" "/tmp/res/logs/$(basename "$d").log" 2>/dev/null; done
 tar czf "$OUT"/res.tgz -C /tmp res
+tar czf "$OUT"/state.tgz -C /tmp --exclude=compile-cache --exclude='*.html' --exclude='*.png' --exclude='*.safetensors' q
