@@ -1,7 +1,9 @@
 """benchmarks/throughput.py: the steady-state rate of several workers and where their time goes."""
 
 import importlib.util
+import os
 import sys
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -74,3 +76,23 @@ def test_the_gpu_is_busy_as_nvidia_smi_says_within_the_steady_state():
     finished += [trial(6 + i, "b", 5 + 2 * i, 6 + 2 * i, 0.75) for i in range(3)]
     assert throughput.measure(finished, workers=2, utilization=samples)["gpu_busy"] == 80.0
     assert throughput.measure(finished, workers=2)["gpu_busy"] is None
+
+
+def test_gpu_busy_reads_what_nvidia_smi_prints_while_the_block_runs(tmp_path, monkeypatch):
+    # A stand-in nvidia-smi that prints two samples and waits to be stopped, as the real one does with -lms.
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(
+        "#!/bin/sh\necho '2026/12/03 08:00:01.000, 40'\necho '2026/12/03 08:00:01.100, 60'\nexec sleep 30\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with throughput.GpuBusy() as busy:
+        time.sleep(0.5)
+    assert busy.samples == [(T0 + timedelta(seconds=1), 40.0), (T0 + timedelta(seconds=1.1), 60.0)]
+
+
+def test_gpu_busy_has_no_samples_without_nvidia_smi(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with throughput.GpuBusy() as busy:
+        pass
+    assert busy.samples == []
