@@ -36,7 +36,10 @@ from pathlib import Path
 
 import optuna
 import torch
+from bookkeeping import storage_url
 from trials import SYSTEM_PROMPT, prepare_model
+
+from abliterate.storage import open_storage
 
 
 def run(model: Path, workdir: Path, workers: int, args) -> dict:
@@ -48,13 +51,13 @@ def run(model: Path, workdir: Path, workers: int, args) -> dict:
         "--dtypes", args.dtype, "--max-response-length", str(args.max_response_length),
         "--n-trials", str(args.trials), "--n-startup-trials", str(args.trials), "--seed", "0",
         "--system-prompt", SYSTEM_PROMPT, "--select", "none", "--skip-dominated", "false",
-        "--workers", str(workers), *gpus,
+        "--workers", str(workers), *gpus, "--storage", storage_url(args.storage, output),
     ]  # fmt: skip
     started = time.perf_counter()
     with GpuBusy() as busy:
         subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
     wall = time.perf_counter() - started
-    storage = f"sqlite:///{output / 'study.db'}"
+    storage = open_storage(storage_url(args.storage, output))
     study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
     finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     (workdir / f"timeline-{workers}-{model.name}.json").write_text(json.dumps(timeline(finished)))
@@ -171,11 +174,15 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--max-response-length", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16", help="float32 for a CPU")
+    parser.add_argument(
+        "--storage", default="sqlite", help="the study's storage: sqlite (the default) or journal"
+    )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(
-        f"device: {device}; {args.trials} random trials a study, {args.max_response_length} new tokens, {args.dtype}"
+        f"device: {device}; {args.trials} random trials a study, {args.max_response_length} new tokens, {args.dtype}, "
+        f"{args.storage} storage"
     )
     rows = []
     for name in args.models.split(","):
