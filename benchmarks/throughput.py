@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -71,8 +72,11 @@ class GpuBusy:
 
     def __enter__(self) -> GpuBusy:
         self.samples: list[tuple[datetime, float]] = []
+        # The GPU the workers share: --gpus 0,0,... names this process's first visible device.
+        device = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
         query = [
             "nvidia-smi",
+            f"--id={device}",
             "--query-gpu=timestamp,utilization.gpu",
             "--format=csv,noheader,nounits",
             "-lms",
@@ -92,7 +96,7 @@ class GpuBusy:
 
 
 def parse_utilization(output: str) -> list[tuple[datetime, float]]:
-    """nvidia-smi's lines "2026/12/03 09:30:01.123, 57" (the first GPU's only) as (time, percent)."""
+    """nvidia-smi's lines "2026/12/03 09:30:01.123, 57" as (time, percent); other lines are skipped."""
     samples = []
     for line in output.splitlines():
         stamp, _, percent = line.partition(",")
