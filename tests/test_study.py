@@ -20,7 +20,7 @@ from abliterate.judge import RefusalCount
 from abliterate.select import finished_trial, knee, pareto_front, select_trial
 from abliterate.settings import Selection
 from abliterate.space import SearchSpace
-from abliterate.storage import StudyData, fail_stale_trials, open_storage
+from abliterate.storage import StudyData, drop_cut_last_line, fail_stale_trials, open_storage
 from abliterate.study import (
     MAX_CONSECUTIVE_FAILURES,
     Objective,
@@ -279,6 +279,33 @@ def test_a_journal_file_in_a_new_folder_is_created(tmp_path):
     storage = open_storage(f"journal:{tmp_path / 'new' / 'journal.log'}")
     optuna.create_study(storage=storage, study_name="s").optimize(lambda trial: 1.0, n_trials=1)
     assert (tmp_path / "new" / "journal.log").is_file()
+
+
+def test_a_journal_cut_in_its_last_line_opens_and_takes_new_trials(tmp_path):
+    journal = tmp_path / "study.journal"
+    study = optuna.create_study(storage=open_storage(f"journal:{journal}"), study_name="s")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
+    whole = journal.read_bytes()
+    journal.write_bytes(whole + b'{"op_code":4,"worker_id":"cut-off')  # a write killed midway
+    study = optuna.load_study(storage=open_storage(f"journal:{journal}"), study_name="s")
+    assert journal.read_bytes() == whole  # the cut operation is dropped, the rest kept
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    reopened = optuna.load_study(storage=open_storage(f"journal:{journal}"), study_name="s")
+    assert len(reopened.get_trials(states=(TrialState.COMPLETE,))) == 4
+
+
+def test_only_a_cut_last_line_is_dropped(tmp_path):
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    journal = tmp_path / "j"
+    lock = JournalFileSymlinkLock(str(journal))
+    journal.write_bytes(b"")
+    assert not drop_cut_last_line(journal, lock)
+    journal.write_bytes(b'{"a":1}\n{"b":2}\n')
+    assert not drop_cut_last_line(journal, lock) and journal.read_bytes() == b'{"a":1}\n{"b":2}\n'
+    journal.write_bytes(b'{"a":1')  # no whole line at all
+    assert drop_cut_last_line(journal, lock) and journal.read_bytes() == b""
+    assert not (tmp_path / "j.lock").exists()  # the lock is given back
 
 
 @pytest.mark.parametrize(("n_trials", "given", "expected"), [(40, None, 15), (10, None, 10), (100, None, 30), (200, None, 60), (1000, None, 60), (40, 3, 3), (40, 0, 0)])  # fmt: skip

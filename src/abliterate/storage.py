@@ -23,6 +23,7 @@ from pathlib import Path
 import optuna
 import torch
 from optuna.storages._rdb import models as optuna_tables
+from optuna.storages.journal import JournalFileOpenLock, JournalFileSymlinkLock
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
@@ -181,7 +182,9 @@ def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
         path = Path(url[len("journal:") :])
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+            lock = JournalFileSymlinkLock(str(path))  # the lock Optuna's backend takes for every append
+            drop_cut_last_line(path, lock)
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
         except OSError as error:
             raise UserError(f"cannot open storage {url!r}: {error.strerror or error}") from None
     if url.startswith("sqlite"):
@@ -205,6 +208,41 @@ def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
             time.sleep(0.5 * attempt)
         except Exception as error:  # a malformed URL or a missing driver: retrying cannot help
             raise UserError(f"cannot open storage {url!r}: {str(error).splitlines()[0]}") from None
+
+
+def drop_cut_last_line(path: Path, lock: JournalFileSymlinkLock | JournalFileOpenLock) -> bool:
+    """Remove a journal's last line if a write was cut off in it (a killed process, a power loss).
+
+    Optuna's journal reads past a cut last line, but the next append would continue that line and
+    leave an unreadable one in the middle, and every later open of the study would fail there. The
+    cut write never completed, so its operation is dropped, as if never asked. Checked under the
+    journal's lock (`lock`), which every writer holds while it appends, so no write in progress is
+    taken for a cut one. Returns whether a line was dropped.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    lock.acquire()
+    try:
+        with path.open("rb+") as journal:
+            size = journal.seek(0, os.SEEK_END)
+            journal.seek(size - 1)
+            if journal.read(1) == b"\n":
+                return False
+            # Back to the end of the last whole line (the file's start if there is none).
+            step = 1 << 16
+            end = size
+            while end > 0:
+                start = max(0, end - step)
+                journal.seek(start)
+                found = journal.read(end - start).rfind(b"\n")
+                if found >= 0:
+                    journal.truncate(start + found + 1)
+                    return True
+                end = start
+            journal.truncate(0)
+            return True
+    finally:
+        lock.release()
 
 
 def write_ahead(url: str) -> None:
