@@ -52,7 +52,7 @@ class RandomScores:
 
 
 def storage_url(kind: str, folder: Path) -> str:
-    """The storage a study in `folder` gets: `sqlite` (the default) or `journal` (an Optuna journal file)."""
+    """The storage of a study in `folder`: `journal` (the default since session 14) or `sqlite` (before)."""
     if kind == "sqlite":
         return f"sqlite:///{(folder / 'study.db').resolve()}"
     if kind == "journal":

@@ -116,6 +116,8 @@ def stop_runs(signal_number: int, _frame) -> None:
 def run_ours(label: str, flags: str, seed: int, args, folder: Path) -> dict:
     import optuna
 
+    from abliterate.storage import folder_holds_study, folder_storage_url, open_storage
+
     command = [
         sys.executable, "-m", "abliterate", "--model", str(args.model), "--output", str(folder),
         "--n-trials", str(args.trials), "--seed", str(seed), "--select", "none",
@@ -124,11 +126,11 @@ def run_ours(label: str, flags: str, seed: int, args, folder: Path) -> dict:
         "--harmful-eval-split", f"eval[:{args.eval_prompts}]", "--harmless-eval-split", f"eval[:{args.eval_prompts}]",
         *shlex.split(flags),
     ]  # fmt: skip
-    resumed = (folder / "study.db").exists()
+    resumed = folder_holds_study(folder)
     started = time.time()
     run_process(command, folder.with_suffix(".log"))
     wall = time.time() - started
-    storage = f"sqlite:///{folder / 'study.db'}"
+    storage = open_storage(folder_storage_url(folder))
     (summary,) = optuna.get_all_study_summaries(storage)
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
     trials = trial_records(study, started, lambda t: (t.values[0], t.values[1]))

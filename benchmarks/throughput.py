@@ -179,7 +179,7 @@ def main() -> None:
     parser.add_argument("--max-response-length", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16", help="float32 for a CPU")
     parser.add_argument(
-        "--storage", default="sqlite", help="the study's storage: sqlite (the default) or journal"
+        "--storage", default="journal", help="the study's storage: journal (the tool's default) or sqlite"
     )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,7 @@ from floor import Device, Floor, measure_device, trial_floor, workload_of
 
 from abliterate.judge import default_refusal_markers
 from abliterate.model import demo_model_path
+from abliterate.storage import folder_storage_url, open_storage
 
 PROMPTS = Path(__file__).resolve().parents[1] / "src" / "abliterate" / "data" / "prompts"
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -146,7 +147,7 @@ def run_ours(model: Path, workdir: Path, args, tool: str = "ours") -> list[dict]
     sys.stderr.write(run.stderr)
     chosen = re.search(r"batch size (\d+)", run.stderr)
     args.chosen_batch_size = args.chosen_batch_size or (int(chosen.group(1)) if chosen else None)
-    storage = f"sqlite:///{output / 'study.db'}"
+    storage = open_storage(folder_storage_url(output))
     study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
     rows = []
     for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):

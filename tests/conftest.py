@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from torch import nn
 
 from abliterate.reset import Edit
+from abliterate.storage import folder_storage_url, open_storage
 
 
 @pytest.fixture(autouse=True)
@@ -271,4 +272,4 @@ def demo_study(tmp_path: Path, *flags: str):
             "--harmful-train-split", "train[:64]", "--harmless-train-split", "train[:64]",
             "--harmful-eval-split", "eval[:16]", "--harmless-eval-split", "eval[:16]", *flags]  # fmt: skip
     assert main(argv) == 0
-    return optuna.load_study(study_name="abliterate-demo", storage=f"sqlite:///{output / 'study.db'}")
+    return optuna.load_study(study_name="abliterate-demo", storage=open_storage(folder_storage_url(output)))

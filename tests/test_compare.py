@@ -10,6 +10,7 @@ import pytest
 from conftest import save_tiny_model
 
 from abliterate.cli import main
+from abliterate.storage import folder_storage_url, open_storage
 
 EVAL = [
     "--harmful-eval-split", "eval[:4]", "--harmless-eval-split", "eval[:4]", "--max-response-length", "4",
@@ -24,7 +25,7 @@ def test_evaluate_gives_a_saved_trial_the_scores_its_study_gave_it(tmp_path: Pat
         "--n-trials", "3", "--n-startup-trials", "3", "--output", str(tmp_path / "o"),
     ]  # fmt: skip
     assert main([*study_argv, "--select", "none"]) == 0
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'o' / 'study.db'}")
+    study = optuna.load_study(study_name="tiny", storage=open_storage(folder_storage_url(tmp_path / "o")))
     # A trial that edits the model: the warm starts weigh every layer.
     trial = max(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: t.values[1])
     assert trial.values[1] > 0

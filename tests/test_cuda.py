@@ -16,6 +16,7 @@ from abliterate.cli import main
 from abliterate.components import find_components
 from abliterate.model import ChatModel, enable_compiled_generation, left_pad
 from abliterate.reset import LayerCache, choose_strategy, make_editor
+from abliterate.storage import folder_storage_url, open_storage
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -135,7 +136,7 @@ def test_a_short_study_on_the_device_removes_refusals(extra, compiled, tmp_path,
     result = json.loads((tmp_path / "out" / "model" / "abliterate.json").read_text())
     assert result["refusals"] < baseline / 2, err[-2000:]
     assert result["kl"] > 0
-    storage = f"sqlite:///{tmp_path / 'out' / 'study.db'}"
+    storage = open_storage(folder_storage_url(tmp_path / "out"))
     study = optuna.load_study(study_name="abliterate-demo", storage=storage)
     assert study.user_attrs["scoring"]["--compile"] == compiled
     assert "compiled decoder failed" not in err

@@ -13,6 +13,8 @@ import pytest
 import transformers
 from optuna.trial import TrialState
 
+from abliterate.storage import folder_holds_study, folder_storage_url, open_storage
+
 pytestmark = pytest.mark.slow
 
 N_TRIALS = 10
@@ -54,9 +56,9 @@ def signal_when(
 
 
 def stored_trials(output: Path) -> list[optuna.trial.FrozenTrial]:
-    storage = f"sqlite:///{output / 'study.db'}"
-    if not (output / "study.db").exists():
+    if not folder_holds_study(output):
         return []
+    storage = open_storage(folder_storage_url(output))
     names = optuna.get_all_study_names(storage)
     if not names:
         return []

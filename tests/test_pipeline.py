@@ -19,6 +19,7 @@ from abliterate.cli import main
 from abliterate.export import ModelCard, clean_partials
 from abliterate.model import ChatModel, left_pad, load_chat_model
 from abliterate.settings import Selection
+from abliterate.storage import folder_storage_url, open_storage
 from abliterate.terminal import ask_selection, direction_cell
 
 FAST = tiny_study(2)
@@ -97,7 +98,7 @@ def test_saved_model_card_and_metadata(model, tmp_path, monkeypatch):
     card = (tmp_path / "o" / "model" / "README.md").read_text()
     assert metadata["source_model"] == str(model)
     assert f"trial {metadata['trial']}" in card and "## Command" in card
-    assert (tmp_path / "o" / ".abliterate").is_file() and (tmp_path / "o" / "study.db").is_file()
+    assert (tmp_path / "o" / ".abliterate").is_file() and (tmp_path / "o" / "study.journal").is_file()
 
 
 @pytest.mark.parametrize(
@@ -141,7 +142,7 @@ def test_a_study_continued_with_other_scoring_settings_is_refused(model, tmp_pat
 
 
 def scoring_of(output: Path) -> dict:
-    storage = f"sqlite:///{output / 'study.db'}"
+    storage = open_storage(folder_storage_url(output))
     return optuna.load_study(study_name="tiny", storage=storage).user_attrs["scoring"]
 
 
@@ -232,7 +233,7 @@ def test_a_study_scored_compiled_is_not_continued_without_it(model, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     argv = ["--model", str(model), *FAST, "--select", "none", "--output", str(tmp_path / "o")]
     assert main(argv) == 0
-    storage = f"sqlite:///{tmp_path / 'o' / 'study.db'}"
+    storage = open_storage(folder_storage_url(tmp_path / "o"))
     study = optuna.load_study(study_name="tiny", storage=storage)
     study.set_user_attr("scoring", {**study.user_attrs["scoring"], "--compile": "true"})
     assert main([*argv, "--n-trials", "3"]) == 1
@@ -297,7 +298,7 @@ def test_selecting_a_trial_that_did_not_finish_is_an_error_and_runs_no_trial(
     assert err.splitlines()[-1].startswith(
         "abliterate: error: --select trial:5: the study has no finished trial 5 (it does not exist; 2 finished"
     )
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'o' / 'study.db'}")
+    study = optuna.load_study(study_name="tiny", storage=open_storage(folder_storage_url(tmp_path / "o")))
     assert len(study.trials) == 2
 
 
@@ -305,7 +306,7 @@ def test_growing_a_study_and_its_failed_trials_are_reported(model, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     output = ["--output", str(tmp_path / "o")]
     assert main(["--model", str(model), *FAST, "--select", "none", *output]) == 0
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'o' / 'study.db'}")
+    study = optuna.load_study(study_name="tiny", storage=open_storage(folder_storage_url(tmp_path / "o")))
     study.add_trial(
         optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL)
     )  # as a killed run leaves it
@@ -321,13 +322,13 @@ def test_selecting_a_finished_trial_later_runs_no_new_trials(model, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     output = ["--output", str(tmp_path / "o")]
     assert main(["--model", str(model), *FAST, "--select", "none", *output]) == 0
-    assert "--select none: no model saved; the study is kept in sqlite:///" in capsys.readouterr().err
+    assert "--select none: no model saved; the study is kept in journal:" in capsys.readouterr().err
     # No --n-trials: the default 200 would run 198 more trials before picking.
     assert main(["--model", str(model), *FAST[:-4], "--select", "trial:1", *output]) == 0
     err = capsys.readouterr().err
     assert not re.search(r"^trial +\d+:", err, re.MULTILINE), "a trial ran"
     assert "saved trial 1, chosen by --select trial:1, to" in err
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'o' / 'study.db'}")
+    study = optuna.load_study(study_name="tiny", storage=open_storage(folder_storage_url(tmp_path / "o")))
     assert len(study.trials) == 2
 
 
@@ -499,3 +500,33 @@ def test_time_left_comes_from_the_studys_mean_trial_time():
     assert StudyTimeRemaining().render(progress.tasks[study]).plain == "0:04:00"  # 6 trials x 40 s
     fresh = progress.add_task("study", total=10, seconds_per_trial=None)  # no trial yet: rich's own estimate
     assert StudyTimeRemaining().render(progress.tasks[fresh]).plain == "-:--:--"
+
+
+def test_a_study_kept_in_sqlite_by_an_earlier_release_grows_there(model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "o"
+    sqlite = f"sqlite:///{(output / 'study.db').resolve()}"
+    assert (
+        main(["--model", str(model), *FAST, "--select", "none", "--output", str(output), "--storage", sqlite])
+        == 0
+    )
+    # Run again without --storage, as a user of the earlier release's default would.
+    assert (
+        main(
+            [
+                "--model",
+                str(model),
+                *FAST[:-2],
+                "--n-trials",
+                "3",
+                "--select",
+                "none",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
+    assert "the study is kept in sqlite:///" in capsys.readouterr().err
+    assert not (output / "study.journal").exists()
+    assert len(optuna.load_study(study_name="tiny", storage=sqlite).trials) == 3

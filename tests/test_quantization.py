@@ -15,6 +15,7 @@ from abliterate.components import find_components
 from abliterate.errors import UserError
 from abliterate.model import demo_model_path, load_chat_model
 from abliterate.reset import AdapterEditor, Edit, choose_strategy, is_quantized
+from abliterate.storage import folder_holds_study
 
 bitsandbytes = pytest.importorskip("bitsandbytes")
 
@@ -115,4 +116,4 @@ def test_a_model_stored_quantized_is_refused_before_the_study(tmp_path, monkeypa
             "abliterate: error: stored-4bit is stored quantized; abliterate merges its edit into full-precision "
             "weights: use the original model (with --quantization bnb-4bit to load it in 4-bit)"
         )
-    assert not (tmp_path / "out" / "study.db").exists()
+    assert not folder_holds_study(tmp_path / "out")

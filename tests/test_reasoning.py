@@ -11,6 +11,7 @@ from conftest import tiny_model, tiny_tokenizer
 from abliterate.cli import main
 from abliterate.judge import RefusalDetector, visible_answer
 from abliterate.model import load_chat_model
+from abliterate.storage import folder_storage_url, open_storage
 
 THINK = ("<think>", "</think>")
 # Qwen3's convention, reduced: `enable_thinking=false` writes an empty block for the model.
@@ -85,7 +86,9 @@ def test_a_study_of_a_reasoning_model_with_thinking_off(tmp_path, monkeypatch, c
     assert (
         "thinking blocks (<think> ... </think>) are skipped when counting refusals" in capsys.readouterr().err
     )
-    study = optuna.load_study(study_name="qwen3-like", storage=f"sqlite:///{tmp_path / 'o' / 'study.db'}")
+    study = optuna.load_study(
+        study_name="qwen3-like", storage=open_storage(folder_storage_url(tmp_path / "o"))
+    )
     assert study.user_attrs["scoring"]["--enable-thinking"] == "false"
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
     # The same study with thinking on would score other prompts: refused, with the reason.

@@ -12,6 +12,7 @@ from conftest import save_tiny_model, tiny_study
 
 from abliterate.cli import main
 from abliterate.report import load_samples
+from abliterate.storage import folder_storage_url, open_storage
 
 FAST = tiny_study(3)
 
@@ -35,7 +36,7 @@ def test_a_study_writes_its_report_with_the_front_and_sample_answers(tmp_path: P
     png = (output / "pareto.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     page = (output / "report.html").read_text()
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{output / 'study.db'}")
+    study = optuna.load_study(study_name="tiny", storage=open_storage(folder_storage_url(output)))
     saved = min(study.best_trials, key=lambda trial: (trial.values[1], trial.values[0]))
     assert f"<h2>Saved trial {saved.number}</h2>" in page and "(saved)" in page and "(knee)" in page
     assert "data:image/png;base64," in page  # self-contained: the plot is inside the page
@@ -69,5 +70,5 @@ def test_a_study_that_saves_nothing_still_reports_its_front(tmp_path: Path, monk
 def test_report_of_a_folder_without_a_study_is_one_line(tmp_path: Path, capsys):
     assert main(["report", "--output", str(tmp_path)]) == 1
     assert capsys.readouterr().err.strip() == (
-        f"abliterate: error: {tmp_path} holds no study.db; give the study's --storage and --study-name"
+        f"abliterate: error: {tmp_path} holds no study; give the study's --storage and --study-name"
     )

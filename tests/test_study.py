@@ -20,7 +20,14 @@ from abliterate.judge import RefusalCount
 from abliterate.select import finished_trial, knee, pareto_front, select_trial
 from abliterate.settings import Selection
 from abliterate.space import SearchSpace
-from abliterate.storage import StudyData, drop_cut_last_line, fail_stale_trials, open_storage
+from abliterate.storage import (
+    StudyData,
+    drop_cut_last_line,
+    fail_stale_trials,
+    folder_holds_study,
+    folder_storage_url,
+    open_storage,
+)
 from abliterate.study import (
     MAX_CONSECUTIVE_FAILURES,
     Objective,
@@ -467,3 +474,11 @@ def test_no_trial_starts_after_the_deadline():
     assert not study.trials
     run_study(study, objective, n_trials=2, deadline=time.monotonic() + 3600)
     assert len(study.trials) == 2
+
+
+def test_an_output_folder_keeps_its_study_in_a_journal_unless_an_earlier_release_left_sqlite(tmp_path):
+    assert folder_storage_url(tmp_path) == f"journal:{(tmp_path / 'study.journal').resolve()}"
+    assert not folder_holds_study(tmp_path)
+    (tmp_path / "study.db").touch()
+    assert folder_storage_url(tmp_path) == f"sqlite:///{(tmp_path / 'study.db').resolve()}"
+    assert folder_holds_study(tmp_path)

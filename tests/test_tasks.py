@@ -10,6 +10,7 @@ import pytest
 from conftest import save_tiny_model
 
 from abliterate.cli import main
+from abliterate.storage import folder_storage_url, open_storage
 
 pytest.importorskip("lm_eval")
 
@@ -60,7 +61,7 @@ def test_evaluate_runs_tasks_on_both_models_and_adds_them_to_the_card(tmp_path: 
     study = ["--model", str(source), *EVAL, "--harmful-train-split", "train[:8]", "--harmless-train-split",
              "train[:8]", "--n-trials", "2", "--n-startup-trials", "2", "--output", str(tmp_path / "o")]  # fmt: skip
     assert main([*study, "--select", "none"]) == 0
-    stored = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'o' / 'study.db'}")
+    stored = optuna.load_study(study_name="tiny", storage=open_storage(folder_storage_url(tmp_path / "o")))
     edited = max(stored.get_trials(states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: t.values[1])
     assert main([*study, "--select", f"trial:{edited.number}"]) == 0
     saved = tmp_path / "o" / "model"

@@ -62,7 +62,7 @@ def build_parser(command: str = "study") -> argparse.ArgumentParser:
             description="Rebuild report.html and pareto.png of a study's output folder from the study.",
         )
         parser.add_argument("--output", type=Path, required=True, help="the study's output folder")
-        parser.add_argument("--storage", help="the study's storage URL (default: the folder's study.db)")
+        parser.add_argument("--storage", help="the study's storage URL (default: the folder's study.journal)")
         parser.add_argument("--study-name", help="the study's name (default: the storage's only study)")
         return parser
     if command == "chat":
@@ -280,9 +280,11 @@ def report(argv: list[str]) -> int:
     output: Path = arguments.output
     if not output.is_dir():
         raise UserError(f"--output {output} is not a folder; give the output folder of a study")
-    storage = arguments.storage or f"sqlite:///{(output / 'study.db').resolve()}"
-    if arguments.storage is None and not (output / "study.db").is_file():
-        raise UserError(f"{output} holds no study.db; give the study's --storage and --study-name")
+    from abliterate.storage import folder_holds_study, folder_storage_url
+
+    if arguments.storage is None and not folder_holds_study(output):
+        raise UserError(f"{output} holds no study; give the study's --storage and --study-name")
+    storage = arguments.storage or folder_storage_url(output)
     import optuna
 
     from abliterate.export import saved_trial_number

@@ -57,7 +57,13 @@ from abliterate.reset import AdapterEditor, Edit, Editor, choose_strategy, descr
 from abliterate.select import finished_trial, pareto_front, select_trial
 from abliterate.settings import Selection, Settings
 from abliterate.space import SearchSpace, edits_from_params
-from abliterate.storage import StudyData, fail_stale_trials, open_storage
+from abliterate.storage import (
+    StudyData,
+    fail_stale_trials,
+    folder_holds_study,
+    folder_storage_url,
+    open_storage,
+)
 from abliterate.study import (
     Objective,
     finished_trials,
@@ -76,8 +82,6 @@ from abliterate.terminal import (
     progress_bars,
     report_failed_trials,
 )
-
-STUDY_FILE = "study.db"
 
 
 @dataclass
@@ -216,10 +220,9 @@ def _remove_if_unused(created: list[Path]) -> None:
     output = created[0]
     if (output / "model").exists():
         return
-    study_file = output / STUDY_FILE
-    if study_file.exists():
+    if folder_holds_study(output):
         try:
-            summaries = optuna.get_all_study_summaries(f"sqlite:///{study_file.resolve()}")
+            summaries = optuna.get_all_study_summaries(open_storage(folder_storage_url(output)))
         except Exception:  # a file the storage cannot read: keep it for the user to look at
             return
         if any(summary.n_trials for summary in summaries):
@@ -337,7 +340,7 @@ def study_location(settings: Settings) -> tuple[Path, str, str]:
     """The output folder, the storage URL and the study name, all known before the model loads."""
     name = model_name(settings.model)
     output = settings.output or Path("abliterated") / name
-    storage_url = settings.storage or f"sqlite:///{(output / STUDY_FILE).resolve()}"
+    storage_url = settings.storage or folder_storage_url(output)
     return output, storage_url, settings.study_name or name
 
 

@@ -186,7 +186,7 @@ class Settings(BaseSettings):
         "none", description="none, pre (edit row-normalized), full (rows keep their norms)"
     )
     storage: str | None = Field(
-        None, description="Optuna storage URL; default: SQLite file in the output folder"
+        None, description="Optuna storage URL; default: a journal file in the output folder"
     )
     study_name: str | None = Field(
         None, description="study name in the storage; default: from the model name"

@@ -32,6 +32,11 @@ from abliterate.errors import UserError
 
 # Heartbeats let Optuna mark the trial of a killed worker as failed instead of running forever.
 HEARTBEAT_SECONDS = 10
+# Where a study lives in its output folder: an Optuna journal file, whose bookkeeping costs a trial
+# about a quarter of SQLite's (benchmarks/bookkeeping.py); studies begun by earlier releases keep
+# their SQLite file.
+JOURNAL_FILE = "study.journal"
+SQLITE_FILE = "study.db"
 
 
 class StudyData:
@@ -172,6 +177,18 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
                 row.trial_id for row in session.query(heartbeat.trial_id).filter(heartbeat.trial_id.in_(old))
             }
         return stale + [trial_id for trial_id in old if trial_id not in beating]
+
+
+def folder_storage_url(output: Path) -> str:
+    """The storage URL of the study kept in an output folder: its SQLite file where an earlier
+    release began it, else its journal file (which need not exist yet)."""
+    if (output / SQLITE_FILE).is_file():
+        return f"sqlite:///{(output / SQLITE_FILE).resolve()}"
+    return f"journal:{(output / JOURNAL_FILE).resolve()}"
+
+
+def folder_holds_study(output: Path) -> bool:
+    return (output / SQLITE_FILE).is_file() or (output / JOURNAL_FILE).is_file()
 
 
 def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
