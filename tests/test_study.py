@@ -1,7 +1,9 @@
 """The study: objectives, storage, start-up and warm-start trials, and choosing a trial."""
 
 import contextlib
+import fcntl
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -26,6 +28,7 @@ from abliterate.storage import (
     fail_stale_trials,
     folder_holds_study,
     folder_storage_url,
+    journal_lock,
     open_storage,
 )
 from abliterate.study import (
@@ -302,17 +305,38 @@ def test_a_journal_cut_in_its_last_line_opens_and_takes_new_trials(tmp_path):
 
 
 def test_only_a_cut_last_line_is_dropped(tmp_path):
-    from optuna.storages.journal import JournalFileSymlinkLock
-
     journal = tmp_path / "j"
-    lock = JournalFileSymlinkLock(str(journal))
+    lock = journal_lock(journal)
     journal.write_bytes(b"")
     assert not drop_cut_last_line(journal, lock)
     journal.write_bytes(b'{"a":1}\n{"b":2}\n')
     assert not drop_cut_last_line(journal, lock) and journal.read_bytes() == b'{"a":1}\n{"b":2}\n'
     journal.write_bytes(b'{"a":1')  # no whole line at all
     assert drop_cut_last_line(journal, lock) and journal.read_bytes() == b""
-    assert not (tmp_path / "j.lock").exists()  # the lock is given back
+    assert lock_is_free(tmp_path / "j.flock")  # given back
+
+
+def lock_is_free(path) -> bool:
+    with open(path, "a") as probe:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(probe, fcntl.LOCK_UN)
+        return True
+
+
+def test_a_journal_lock_dies_with_a_worker_killed_while_holding_it(tmp_path):
+    journal = tmp_path / "study.journal"
+    holds_and_dies = (
+        "import os, signal, sys; from pathlib import Path; from abliterate.storage import journal_lock; "
+        "journal_lock(Path(sys.argv[1])).acquire(); print('held', flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    holder = subprocess.run(
+        [sys.executable, "-c", holds_and_dies, str(journal)], capture_output=True, text=True
+    )
+    assert holder.stdout == "held\n" and holder.returncode == -signal.SIGKILL
+    assert lock_is_free(tmp_path / "study.journal.flock")  # Optuna's own lock file would wait out 30 s
 
 
 @pytest.mark.parametrize(("n_trials", "given", "expected"), [(40, None, 15), (10, None, 10), (100, None, 30), (200, None, 60), (1000, None, 60), (40, 3, 3), (40, 0, 0)])  # fmt: skip

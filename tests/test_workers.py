@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from abliterate.cli import main
+from abliterate.storage import open_storage
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +30,10 @@ def model(tiny_model_folder: Path) -> Path:
     return tiny_model_folder
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["journal", "sqlite", "postgresql"])
 def storage(request, tmp_path: Path) -> str:
+    if request.param == "journal":  # the default: a journal file in the output folder
+        return f"journal:{tmp_path / 'shared.journal'}"
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'shared.db'}"
     if not POSTGRES:
@@ -64,7 +69,7 @@ def start_workers(
 
 
 def trials_of(storage: str, study: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+    return optuna.load_study(study_name=study, storage=open_storage(storage)).get_trials(deepcopy=False)
 
 
 def directions_digest(stderr: str) -> str:
@@ -91,17 +96,28 @@ def test_a_killed_worker_loses_its_trial_and_the_others_finish(model, storage, t
     victim = workers[0]
     for line in victim.stderr:
         if re.match(r"trial +\d+:", line):
-            victim.send_signal(signal.SIGKILL)  # the next trial has just started
             break
+    # Killed while a trial of its own is being evaluated (the worker's mark is its first write).
+    mark = f"{socket.gethostname()}:{victim.pid}"
+    while victim.poll() is None and not any(
+        t.state == TrialState.RUNNING and t.user_attrs.get("worker") == mark
+        for t in trials_of(storage, study)
+    ):
+        time.sleep(0.005)
+    assert victim.poll() is None, "the worker ended before it could be killed mid-trial"
+    victim.send_signal(signal.SIGKILL)
     victim.wait()
     errors = [worker.communicate(timeout=600)[1] for worker in workers[1:]]
     assert [worker.returncode for worker in workers[1:]] == [0, 0], errors
     trials = trials_of(storage, study)
     complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
     assert len(complete) == N_TRIALS
-    # The trial it had in flight was marked failed by the heartbeat, and never counted.
+    # The trial it had in flight was marked failed (by the heartbeat, or in a journal by its process
+    # id once the others reached the last slots), and never counted.
     unfinished = [trial for trial in trials if trial.state != TrialState.COMPLETE]
-    assert any(trial.state == TrialState.FAIL for trial in unfinished)
+    assert any(
+        trial.state == TrialState.FAIL and trial.user_attrs.get("worker") == mark for trial in unfinished
+    )
     assert all(trial.state in (TrialState.FAIL, TrialState.PRUNED) for trial in unfinished)
 
 

@@ -19,6 +19,7 @@ import time
 import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import IO
 
 import optuna
 import torch
@@ -29,6 +30,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from abliterate.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: Optuna's own journal lock
+    fcntl = None
 
 # Heartbeats let Optuna mark the trial of a killed worker as failed instead of running forever.
 HEARTBEAT_SECONDS = 10
@@ -199,7 +205,7 @@ def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
         path = Path(url[len("journal:") :])
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            lock = JournalFileSymlinkLock(str(path))  # the lock Optuna's backend takes for every append
+            lock = journal_lock(path)
             drop_cut_last_line(path, lock)
             return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
         except OSError as error:
@@ -227,7 +233,39 @@ def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
             raise UserError(f"cannot open storage {url!r}: {str(error).splitlines()[0]}") from None
 
 
-def drop_cut_last_line(path: Path, lock: JournalFileSymlinkLock | JournalFileOpenLock) -> bool:
+class KernelLock:
+    """A journal's lock that the kernel gives back when its holder dies (`flock` on a lock file).
+
+    Optuna's journal locks are files that a worker killed while appending leaves behind: the
+    others then wait out a 30 s grace period. A lock held through `flock` goes with its process,
+    like SQLite's. For one machine's local disks, as a journal study is.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._held: IO | None = None
+
+    def acquire(self) -> bool:
+        held = open(self.path, "a")  # noqa: SIM115 (held until release)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        self._held = held
+        return True
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            fcntl.flock(held, fcntl.LOCK_UN)
+            held.close()
+
+
+def journal_lock(path: Path) -> KernelLock | JournalFileSymlinkLock:
+    """The lock every writer of the journal at `path` takes: the kernel's where it has `flock`."""
+    if fcntl is None:  # Windows
+        return JournalFileSymlinkLock(str(path))
+    return KernelLock(path.with_name(path.name + ".flock"))
+
+
+def drop_cut_last_line(path: Path, lock: KernelLock | JournalFileSymlinkLock | JournalFileOpenLock) -> bool:
     """Remove a journal's last line if a write was cut off in it (a killed process, a power loss).
 
     Optuna's journal reads past a cut last line, but the next append would continue that line and
