@@ -311,6 +311,7 @@ def test_only_a_cut_last_line_is_dropped(tmp_path):
     assert not drop_cut_last_line(journal, lock)
     journal.write_bytes(b'{"a":1}\n{"b":2}\n')
     assert not drop_cut_last_line(journal, lock) and journal.read_bytes() == b'{"a":1}\n{"b":2}\n'
+    assert not (tmp_path / "j.flock").exists()  # a whole journal is read without taking the lock
     journal.write_bytes(b'{"a":1')  # no whole line at all
     assert drop_cut_last_line(journal, lock) and journal.read_bytes() == b""
     assert lock_is_free(tmp_path / "j.flock")  # given back

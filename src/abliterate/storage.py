@@ -266,7 +266,7 @@ def journal_lock(path: Path) -> KernelLock | JournalFileSymlinkLock:
 
 
 def drop_cut_last_line(path: Path, lock: KernelLock | JournalFileSymlinkLock | JournalFileOpenLock) -> bool:
-    """Remove a journal's last line if a write was cut off in it (a killed process, a power loss).
+    """Remove a journal's last line if a write was cut off in it (a power loss, a killed process).
 
     Optuna's journal reads past a cut last line, but the next append would continue that line and
     leave an unreadable one in the middle, and every later open of the study would fail there. The
@@ -274,15 +274,14 @@ def drop_cut_last_line(path: Path, lock: KernelLock | JournalFileSymlinkLock | J
     journal's lock (`lock`), which every writer holds while it appends, so no write in progress is
     taken for a cut one. Returns whether a line was dropped.
     """
-    if not path.is_file() or path.stat().st_size == 0:
+    if _ends_whole(path):  # the usual case, read without the lock: a reader need not write anything
         return False
     lock.acquire()
     try:
+        if _ends_whole(path):  # a writer was midway through its line
+            return False
         with path.open("rb+") as journal:
             size = journal.seek(0, os.SEEK_END)
-            journal.seek(size - 1)
-            if journal.read(1) == b"\n":
-                return False
             # Back to the end of the last whole line (the file's start if there is none).
             step = 1 << 16
             end = size
@@ -298,6 +297,15 @@ def drop_cut_last_line(path: Path, lock: KernelLock | JournalFileSymlinkLock | J
             return True
     finally:
         lock.release()
+
+
+def _ends_whole(path: Path) -> bool:
+    """Whether a journal is missing, empty or ends with a whole line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return True
+    with path.open("rb") as journal:
+        journal.seek(-1, os.SEEK_END)
+        return journal.read(1) == b"\n"
 
 
 def write_ahead(url: str) -> None:
