@@ -24,7 +24,7 @@ import torch
 
 from abliterate.judge import RefusalCount
 from abliterate.space import SearchSpace
-from abliterate.storage import open_storage
+from abliterate.storage import JOURNAL_FILE, SQLITE_FILE, open_storage
 from abliterate.study import Objective, open_study, run_study
 
 
@@ -54,9 +54,9 @@ class RandomScores:
 def storage_url(kind: str, folder: Path) -> str:
     """The storage of a study in `folder`: `journal` (the default since session 14) or `sqlite` (before)."""
     if kind == "sqlite":
-        return f"sqlite:///{(folder / 'study.db').resolve()}"
+        return f"sqlite:///{(folder / SQLITE_FILE).resolve()}"
     if kind == "journal":
-        return f"journal:{folder / 'study.journal'}"
+        return f"journal:{folder / JOURNAL_FILE}"
     raise ValueError(f"unknown storage kind {kind!r}: sqlite or journal")
 
 

@@ -45,6 +45,8 @@ def subspace(
     """Orthonormal (rank, hidden): `direction` first, then the leading principal directions of the
     harmful residuals' offsets from the harmless mean, (prompts, hidden), with their parts along the
     direction and the harmless mean removed (uncentered: what they share counts too)."""
+    if rank == 1:
+        return direction[None]
     harmless_mean = harmless.mean(dim=0)
     taken = torch.linalg.qr(torch.stack([direction, harmless_mean], dim=1)).Q  # (hidden, 2)
     offsets = harmful - harmless_mean
