@@ -1,13 +1,20 @@
 """The `--workers` launcher: which GPU each process gets (also under a CUDA_VISIBLE_DEVICES of the
-parent's own), and how their lines are told apart."""
+parent's own), when each starts, and how their lines are told apart."""
 
+from __future__ import annotations
+
+import os
 from pathlib import Path
+from typing import ClassVar
 
+import optuna
 import pytest
+import torch
 
 from abliterate import worker_process, workers
 from abliterate.errors import UserError
 from abliterate.settings import Settings
+from abliterate.storage import StudyData
 from abliterate.workers import worker_devices
 
 
@@ -55,23 +62,110 @@ def test_an_index_past_the_parents_list_is_one_clear_error(gpus, parent_visible,
     )
 
 
-def test_launch_gives_each_worker_its_device_from_the_parents_list(monkeypatch, tmp_path: Path):
-    started = []
+class FakeWorker:
+    """A worker process as the launcher sees it: the first one says it loaded unless told to fail
+    first; each ends with `code`."""
 
-    class FakeProcess:
-        def __init__(self, command, env):
-            started.append((env["CUDA_VISIBLE_DEVICES"], env[workers.NAME_VARIABLE], env["OMP_NUM_THREADS"]))
+    started: ClassVar[list[FakeWorker]] = []
+    loads = True
+    code = 0
 
-        def wait(self):
-            return 0
+    def __init__(self, command, env, pass_fds=()):
+        self.env = env
+        self.terminated = False
+        FakeWorker.started.append(self)
+        if workers.LOADED_FD_VARIABLE in env and self.loads:
+            os.write(int(env[workers.LOADED_FD_VARIABLE]), b"1")
 
+    def poll(self):
+        return self.code
+
+    def wait(self):
+        return self.code
+
+    def terminate(self):
+        self.terminated = True
+
+
+@pytest.fixture
+def fake_workers(monkeypatch) -> type[FakeWorker]:
+    monkeypatch.setattr(FakeWorker, "started", [])
+    monkeypatch.setattr(workers.subprocess, "Popen", FakeWorker)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return FakeWorker
+
+
+def test_launch_gives_each_worker_its_device_from_the_parents_list(monkeypatch, tmp_path: Path, fake_workers):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's: kept
     monkeypatch.setattr(workers.torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(workers.subprocess, "Popen", FakeProcess)
     monkeypatch.setattr(workers, "_wait_for_directions", lambda *args: None)
     workers.launch(Settings(workers=2, gpus=[1, 0]), "sqlite://", "study", tmp_path)
+    started = [
+        (w.env["CUDA_VISIBLE_DEVICES"], w.env[workers.NAME_VARIABLE], w.env["OMP_NUM_THREADS"])
+        for w in fake_workers.started
+    ]
     assert started == [("7", "worker 0 (GPU 7)", "3"), ("6", "worker 1 (GPU 6)", "3")]
+
+
+def test_the_others_start_once_the_first_has_loaded_and_then_wait_for_it(monkeypatch, tmp_path, fake_workers):
+    waited_with = []
+    monkeypatch.setattr(workers.torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(
+        workers, "_wait_for_directions", lambda first, others, *args: waited_with.append((first, others))
+    )
+    workers.launch(Settings(workers=3), "sqlite://", "study", tmp_path)
+    first, *others = fake_workers.started
+    assert workers.LOADED_FD_VARIABLE in first.env and workers.FOLLOWS_VARIABLE not in first.env
+    assert all(
+        w.env[workers.FOLLOWS_VARIABLE] == "1" and workers.LOADED_FD_VARIABLE not in w.env for w in others
+    )
+    assert waited_with == [(first, others)]  # the others were running while the first finished its part
+
+
+def test_a_first_worker_that_fails_to_load_starts_no_other(monkeypatch, tmp_path, fake_workers):
+    monkeypatch.setattr(workers.torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(fake_workers, "loads", False)
+    monkeypatch.setattr(fake_workers, "code", 1)
+    with pytest.raises(
+        UserError, match=r"^the first worker stopped with exit code 1; see its messages above$"
+    ):
+        workers.launch(Settings(workers=3), "sqlite://", "study", tmp_path)
+    assert len(fake_workers.started) == 1  # its error shows once, not once a worker
+
+
+def test_a_first_worker_that_fails_before_the_directions_stops_the_others(
+    monkeypatch, tmp_path, fake_workers
+):
+    monkeypatch.setattr(workers.torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(fake_workers, "code", 1)  # loads, then stops before storing anything
+    with pytest.raises(
+        UserError, match=r"^the first worker stopped \(exit code 1\) before it stored the refusal"
+    ):
+        workers.launch(
+            Settings(workers=3), f"sqlite:///{tmp_path / 'study.db'}", "study", tmp_path, poll_seconds=0
+        )
+    first, *others = fake_workers.started
+    assert len(others) == 2 and all(w.terminated for w in others) and not first.terminated
+
+
+def test_a_joining_worker_waits_until_the_study_has_directions_and_baseline(monkeypatch):
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    stored = StudyData(study)
+    polls = []
+
+    def first_worker_progresses(seconds):  # each poll, the first worker stores one thing more
+        polls.append(seconds)
+        if len(polls) == 1:
+            stored.directions = torch.ones(2, 4)
+        else:
+            stored.record_baseline(10, 9, {})
+
+    monkeypatch.setattr(workers.time, "sleep", first_worker_progresses)
+    workers.wait_for_first_worker(study, poll_seconds=0.25)
+    assert polls == [0.25, 0.25] and stored.ready_for_trials
+    workers.wait_for_first_worker(study)  # a study ready from the start: no wait
+    assert len(polls) == 2
 
 
 @pytest.mark.parametrize(
@@ -111,18 +205,9 @@ def test_workers_sharing_a_gpu_without_mps_are_told_how_to_run_side_by_side(tmp_
     assert workers.sharing_advice(["3", "3"], without) is None
 
 
-def test_launch_passes_the_sharing_advice_to_its_note(monkeypatch, tmp_path: Path):
-    class FakeProcess:
-        def __init__(self, command, env):
-            pass
-
-        def wait(self):
-            return 0
-
+def test_launch_passes_the_sharing_advice_to_its_note(monkeypatch, tmp_path: Path, fake_workers):
     monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(workers.torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(workers.subprocess, "Popen", FakeProcess)
     monkeypatch.setattr(workers, "_wait_for_directions", lambda *args: None)
     notes = []
     workers.launch(Settings(workers=2, gpus=[0, 0]), "sqlite://", "study", tmp_path, note=notes.append)

@@ -14,6 +14,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,7 +234,15 @@ def _remove_if_unused(created: list[Path]) -> None:
             parent.rmdir()
 
 
-def prepare(settings: Settings, console: Console) -> Session:
+def prepare(
+    settings: Settings, console: Console, on_study_open: Callable[[optuna.Study], None] | None = None
+) -> Session:
+    """Load the model, open (or resume) the study, find the directions and count the baseline.
+
+    `on_study_open` runs once the model has loaded and the study is open and its scoring checked,
+    before any work on the GPU: the workers of `--workers` use it to say they loaded, or to wait
+    for the worker that began the study (workers.py).
+    """
     # The time budget counts from here: the model's load and the directions are part of what it buys.
     deadline = time.monotonic() + settings.time_budget if settings.time_budget else None
     prompts = {
@@ -259,6 +268,8 @@ def prepare(settings: Settings, console: Console) -> Session:
         model.source,
     )
     pin_scoring(study, scoring(settings, model, prompts, judge))
+    if on_study_open is not None:
+        on_study_open(study)
 
     batch_size = eval_batch_size(settings, model, prompts["harmful_eval"])
     console.print(

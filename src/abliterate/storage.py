@@ -136,6 +136,12 @@ class StudyData:
         return self._get(self.DIRECTIONS, "directions") is not None
 
     @property
+    def ready_for_trials(self) -> bool:
+        """Whether the directions are stored and the original model's refusals counted: what a worker
+        that joins a study needs from the one that began it."""
+        return self.has_directions and self.baseline_refusals is not None
+
+    @property
     def directions(self) -> torch.Tensor | None:
         stored = self._get(self.DIRECTIONS, "directions")
         if stored is None:

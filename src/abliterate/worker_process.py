@@ -1,19 +1,29 @@
 """One worker process of `--workers N`: prepare the study, run trials, stop (see `workers.py`).
 
-The launcher (`workers.launch`) passes the settings and the worker's name in the environment.
+The launcher (`workers.launch`) passes the settings, the worker's name and its role in the environment.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
+import optuna
 from rich.console import Console
 
 from abliterate.errors import UserError
 from abliterate.pipeline import prepare, quiet_libraries, search
 from abliterate.settings import Settings
-from abliterate.workers import NAME_VARIABLE, SETTINGS_VARIABLE
+from abliterate.storage import StudyData
+from abliterate.workers import (
+    FOLLOWS_VARIABLE,
+    LOADED_FD_VARIABLE,
+    NAME_VARIABLE,
+    SETTINGS_VARIABLE,
+    announce_loaded,
+    wait_for_first_worker,
+)
 
 
 def main() -> int:
@@ -23,7 +33,7 @@ def main() -> int:
     console = LabelledConsole(f"{name}: ")
     quiet_libraries()
     try:
-        session = prepare(settings, console)
+        session = prepare(settings, console, on_study_open=_role(console))
         search(session, console)
     except UserError as error:
         print(f"abliterate: {name}: error: {error}", file=sys.stderr)
@@ -31,6 +41,22 @@ def main() -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _role(console: Console) -> Callable[[optuna.Study], None] | None:
+    """What this worker does once its model has loaded: the first says so, the others wait for it."""
+    if LOADED_FD_VARIABLE in os.environ:
+        descriptor = int(os.environ[LOADED_FD_VARIABLE])
+        return lambda study: announce_loaded(descriptor)
+    if FOLLOWS_VARIABLE in os.environ:
+
+        def follow(study: optuna.Study) -> None:
+            if not StudyData(study).ready_for_trials:
+                console.print("loaded; waiting for worker 0's refusal directions and baseline")
+                wait_for_first_worker(study)
+
+        return follow
+    return None
 
 
 class LabelledConsole(Console):

@@ -4,8 +4,13 @@ sharing one study.
 Each worker is an ordinary study process (`worker_process.py`: `pipeline.prepare` +
 `pipeline.search`) with its own copy of the model on its own GPU. They coordinate only through the Optuna storage, exactly as
 workers on other machines started with the same `--storage` and `--study-name` do. The first
-worker computes the refusal directions and stores them in the study; the others start once they
-are there, so every worker uses the same directions.
+worker computes the refusal directions and counts the original model's refusals, and stores both
+in the study; every worker then uses the same directions.
+
+The others start once the first has loaded its model (a mistake in the model or the prompts shows
+once, from the first, through a pipe it signals on), load theirs while it computes the directions
+and the baseline, and wait for those in the study before their first trial. A first worker that
+fails before storing them stops the others.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ from abliterate.storage import StudyData, open_storage
 
 SETTINGS_VARIABLE = "ABLITERATE_WORKER_SETTINGS"
 NAME_VARIABLE = "ABLITERATE_WORKER_NAME"
+# The first worker's end of a pipe: it writes a byte there once its model has loaded.
+LOADED_FD_VARIABLE = "ABLITERATE_WORKER_LOADED_FD"
+# Set for the other workers: they wait for the first one's directions and baseline in the study.
+FOLLOWS_VARIABLE = "ABLITERATE_WORKER_FOLLOWS"
 
 
 def launch(
@@ -52,26 +61,36 @@ def launch(
             "storage": storage_url, "study_name": study_name, "output": output,
         }
     )  # fmt: skip
+
+    def start(index: int, role: dict[str, str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+        environment = dict(os.environ)
+        environment[SETTINGS_VARIABLE] = worker_settings.model_dump_json()
+        environment[NAME_VARIABLE] = f"worker {index}" + (f" (GPU {devices[index]})" if devices else "")
+        if devices:
+            environment["CUDA_VISIBLE_DEVICES"] = devices[index]
+        environment.update(thread_share(settings.workers, environment))
+        environment.update(role)
+        command = [sys.executable, "-m", "abliterate.worker_process"]
+        return subprocess.Popen(command, env=environment, pass_fds=pass_fds)
+
     processes: list[subprocess.Popen] = []
+    loaded_read, loaded_write = os.pipe()
     try:
-        for index in range(settings.workers):
-            environment = dict(os.environ)
-            environment[SETTINGS_VARIABLE] = worker_settings.model_dump_json()
-            environment[NAME_VARIABLE] = f"worker {index}" + (f" (GPU {devices[index]})" if devices else "")
-            if devices:
-                environment["CUDA_VISIBLE_DEVICES"] = devices[index]
-            environment.update(thread_share(settings.workers, environment))
-            processes.append(
-                subprocess.Popen([sys.executable, "-m", "abliterate.worker_process"], env=environment)
-            )
-            if index == 0:
-                _wait_for_directions(processes[0], storage_url, study_name, poll_seconds)
+        try:
+            processes.append(start(0, {LOADED_FD_VARIABLE: str(loaded_write)}, pass_fds=(loaded_write,)))
+        finally:
+            os.close(loaded_write)  # the first worker holds the only other copy: its exit closes the pipe
+        _wait_until_loaded(processes[0], loaded_read)
+        processes += [start(index, {FOLLOWS_VARIABLE: "1"}) for index in range(1, settings.workers)]
+        _wait_for_directions(processes[0], processes[1:], storage_url, study_name, poll_seconds)
         codes = [process.wait() for process in processes]
     except KeyboardInterrupt:
         # The terminal sends Ctrl-C to the workers too; let them record their trials and stop.
         for process in processes:
             process.wait()
         raise
+    finally:
+        os.close(loaded_read)
     if any(code != 0 for code in codes):
         raise UserError(f"a worker stopped with an error (exit codes {codes}); see its messages above")
 
@@ -135,19 +154,55 @@ def worker_devices(workers: int, gpus: list[int], parent_visible: str | None) ->
     return [visible[index] for index in chosen]
 
 
+def announce_loaded(descriptor: int) -> None:
+    """The first worker's word to the launcher that its model has loaded (see `_wait_until_loaded`)."""
+    os.write(descriptor, b"1")
+    os.close(descriptor)
+
+
+def wait_for_first_worker(study: optuna.Study, poll_seconds: float = 0.5) -> None:
+    """Hold a joining worker until the first one has stored the directions and counted the baseline
+    (the launcher stops this worker should the first one fail before that)."""
+    stored = StudyData(study)
+    while not stored.ready_for_trials:
+        time.sleep(poll_seconds)
+
+
+def _wait_until_loaded(first: subprocess.Popen, loaded_read: int) -> None:
+    """Block until the first worker has loaded its model, or raise if it stopped with an error."""
+    if os.read(loaded_read, 1):
+        return
+    # The pipe closed without a word: the first worker ended before its model loaded.
+    code = first.wait()
+    if code != 0:
+        raise UserError(f"the first worker stopped with exit code {code}; see its messages above")
+
+
 def _wait_for_directions(
-    first: subprocess.Popen, storage_url: str, study_name: str, poll_seconds: float
+    first: subprocess.Popen,
+    others: list[subprocess.Popen],
+    storage_url: str,
+    study_name: str,
+    poll_seconds: float,
 ) -> None:
-    """Hold the other workers back until the first has stored the directions (or has failed)."""
+    """Wait until the first worker has stored the directions and the baseline; should it stop before
+    that, stop the others (they would wait for ever) and raise."""
     storage = open_storage(storage_url)
-    while first.poll() is None:
+    while True:
         try:
-            study = optuna.load_study(study_name=study_name, storage=storage)
-            stored = StudyData(study)
-            if stored.has_directions and stored.baseline_refusals is not None:
+            if StudyData(optuna.load_study(study_name=study_name, storage=storage)).ready_for_trials:
                 return
         except KeyError:  # the study does not exist yet
             pass
+        code = first.poll()
+        if code is not None:
+            break
         time.sleep(poll_seconds)
-    if first.returncode != 0:
-        raise UserError(f"the first worker stopped with exit code {first.returncode}; see its messages above")
+    for other in others:
+        other.terminate()
+    for other in others:
+        other.wait()
+    raise UserError(
+        f"the first worker stopped (exit code {code}) before it stored the refusal directions "
+        "and the baseline; see its messages above"
+    )
