@@ -212,3 +212,24 @@ def test_launch_passes_the_sharing_advice_to_its_note(monkeypatch, tmp_path: Pat
     notes = []
     workers.launch(Settings(workers=2, gpus=[0, 0]), "sqlite://", "study", tmp_path, note=notes.append)
     assert len(notes) == 1 and notes[0].startswith("workers share GPU 0 but NVIDIA MPS is not running")
+
+
+def test_the_first_worker_says_it_loaded_and_a_joining_one_waits_only_while_needed(monkeypatch, capsys):
+    console = worker_process.LabelledConsole("worker 1: ")
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    monkeypatch.delenv(workers.LOADED_FD_VARIABLE, raising=False)
+    monkeypatch.delenv(workers.FOLLOWS_VARIABLE, raising=False)
+    assert worker_process._role(console) is None  # a study of one process: nothing to tell or wait for
+
+    read, write = os.pipe()
+    monkeypatch.setenv(workers.LOADED_FD_VARIABLE, str(write))
+    worker_process._role(console)(study)
+    assert os.read(read, 1) == b"1" and os.read(read, 1) == b""  # said, and its end closed
+    os.close(read)
+
+    monkeypatch.delenv(workers.LOADED_FD_VARIABLE)
+    monkeypatch.setenv(workers.FOLLOWS_VARIABLE, "1")
+    StudyData(study).directions = torch.ones(2, 4)
+    StudyData(study).record_baseline(10, 9)
+    worker_process._role(console)(study)  # the first worker's part is done: no wait, no message
+    assert capsys.readouterr().err == ""
