@@ -17,7 +17,10 @@ time; on one GPU that shares the device between them, which stretches wall times
         --variant 'ours=' --variant 'wide=--search-space wide --direction mean-difference' --seeds 0,1,2
     python benchmarks/quality.py report runs.json [more.json ...]
 
-A variant is `heretic` or `LABEL=FLAGS` (our flags on top of the shared ones). `report` merges the
+A variant is `heretic`, `abliterix` (abliterix 1.12.2, a heretic derivative, configured the same way
+through its TOML file; it pins optuna 4, so it may live in a Python of its own: `--abliterix-python`;
+it counts refusals with its own ~80 phrases beside our markers, and a degenerate answer as one) or
+`LABEL=FLAGS` (our flags on top of the shared ones). `report` merges the
 runs of several files (an anchor's runs measured once and committed, beside new runs of ours).
 A benchmark told to stop (SIGTERM, as `timeout` sends) gives every tool a Ctrl-C and writes the runs as
 far as they got; `--resume` continues them in a later call (a 200-trial heretic study does not fit
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import shutil
 import signal
@@ -192,6 +196,70 @@ def run_heretic(seed: int, args, folder: Path) -> dict:
     }  # fmt: skip
 
 
+def abliterix_config(seed: int, args, folder: Path) -> str:
+    """abliterix 1.12's settings (TOML) for the same model, prompts, markers, system prompt, response
+    length, dtype, batch size, trials and start-up trials as the other tools; its defaults otherwise.
+    It reads prompt sets only through `datasets`, so the four files are laid out as two local
+    datasets of a `train` and a `test` split each."""
+    from abliterate.judge import default_refusal_markers
+
+    data = folder / "prompts"
+    for kind in ("harmful", "harmless"):
+        (data / kind).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(PROMPTS / f"{kind}_train.txt", data / kind / "train.txt")
+        shutil.copyfile(PROMPTS / f"{kind}_eval.txt", data / kind / "test.txt")
+
+    def prompt_set(kind: str, split: str) -> str:
+        return f'{{ dataset = "{data / kind}", split = "{split}", column = "text" }}'
+
+    startup = args.heretic_startup if args.heretic_startup is not None else (15 if args.trials <= 40 else 60)
+    evaluated = f"test[:{args.eval_prompts}]"
+    return "\n".join([
+        f"seed = {seed}", "non_interactive = true", f'system_prompt = "{SYSTEM_PROMPT}"',
+        f"benign_prompts = {prompt_set('harmless', 'train')}", f"target_prompts = {prompt_set('harmful', 'train')}",
+        f"benign_eval_prompts = {prompt_set('harmless', evaluated)}",
+        f"target_eval_prompts = {prompt_set('harmful', evaluated)}",
+        "", "[model]", f'model_id = "{args.model}"', f'dtype_fallback_order = ["{args.dtype}"]', 'device_map = "auto"',
+        "", "[inference]", f"batch_size = {args.batch_size or 64}", f"max_gen_tokens = {args.max_response_length}",
+        "", "[optimization]", f"num_trials = {args.trials}", f"num_warmup_trials = {startup}",
+        f'checkpoint_dir = "{folder / "checkpoints"}"',
+        # abliterix calls its refusal markers compliance markers; it adds ~80 phrases of its own.
+        "", "[detection]", f"compliance_markers = {json.dumps(default_refusal_markers())}",
+    ]) + "\n"  # fmt: skip
+
+
+def run_abliterix(seed: int, args, folder: Path) -> dict:
+    """One abliterix study, in the Python environment of `--abliterix-python` (it pins optuna 4)."""
+    import optuna
+
+    resumed = (folder / "checkpoints").exists()  # an unfinished checkpoint is continued unasked
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "abliterix.toml").write_text(abliterix_config(seed, args, folder))
+    started = time.time()
+    command = [
+        args.abliterix_python,
+        "-c",
+        "from abliterix.cli import main; main()",
+        "--config",
+        "abliterix.toml",
+    ]
+    run_process(command, folder / "abliterix.log", cwd=folder)
+    wall = time.time() - started
+    (journal,) = (folder / "checkpoints").glob("*.jsonl")
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    study = optuna.load_study(study_name="abliterix", storage=storage)
+    # The original model's count is only in its log.
+    baseline = re.findall(r"Initial refusals: (\d+)/(\d+)", (folder / "abliterix.log").read_text())
+    trials = trial_records(
+        study, started, lambda t: (t.user_attrs["refusals"], t.user_attrs["kl_divergence"])
+    )
+    return {
+        "tool": "abliterix 1.12.2", "label": "abliterix", "flags": "", "seed": seed,
+        "wall_seconds": None if resumed else wall, "resumed": resumed, "eval_prompts": args.eval_prompts,
+        "baseline_refusals": int(baseline[0][0]) if baseline else None, "trials": trials,
+    }  # fmt: skip
+
+
 def completed(study) -> list:
     import optuna
 
@@ -224,6 +292,8 @@ def run(args: argparse.Namespace) -> None:
                 folder.with_suffix(".log").unlink(missing_ok=True)
             if label == "heretic":
                 jobs.append(lambda seed=seed, folder=folder: run_heretic(seed, args, folder))
+            elif label == "abliterix":
+                jobs.append(lambda seed=seed, folder=folder: run_abliterix(seed, args, folder))
             else:
                 jobs.append(lambda label=label, flags=flags, seed=seed, folder=folder: run_ours(label, flags, seed, args, folder))  # fmt: skip
     started = time.time()
@@ -379,11 +449,18 @@ def main() -> None:
     runner.add_argument("--model", required=True, type=Path, help="a local model folder")
     runner.add_argument("--out", required=True, help="JSON file for the runs")
     runner.add_argument("--workdir", default="/tmp/quality")
-    runner.add_argument("--variant", action="append", required=True, help="heretic, or LABEL=OUR FLAGS")
+    runner.add_argument(
+        "--variant", action="append", required=True, help="heretic, abliterix, or LABEL=OUR FLAGS"
+    )
     runner.add_argument("--seeds", default="0,1,2", type=lambda text: [int(s) for s in text.split(",")])
     runner.add_argument("--trials", type=int, default=40)
     runner.add_argument(
-        "--heretic-startup", type=int, help="heretic's start-up trials (15 up to 40 trials, else 60)"
+        "--heretic-startup", type=int, help="heretic's and abliterix's start-up trials (15 up to 40 trials, else 60)"
+    )
+    runner.add_argument(
+        "--abliterix-python",
+        default=sys.executable,
+        help="the Python that has abliterix 1.12.2 (default: this one)",
     )
     runner.add_argument("--eval-prompts", type=int, default=100)
     runner.add_argument("--max-response-length", type=int, default=64)

@@ -64,5 +64,6 @@ timeout --kill-after=60 ${BUDGET:-500} python3 benchmarks/quality.py run --model
 cp /tmp/res/*.json "$OUT"/ 2>/dev/null
 mkdir -p /tmp/res/logs && cp /tmp/q/*.log /tmp/res/logs/ 2>/dev/null
 for d in /tmp/q/heretic-seed*; do cp "$d/heretic.log" "/tmp/res/logs/$(basename "$d").log" 2>/dev/null; done
+for d in /tmp/q/abliterix-seed*; do cp "$d/abliterix.log" "/tmp/res/logs/$(basename "$d").log" 2>/dev/null; done
 tar czf "$OUT"/res.tgz -C /tmp res
 tar czf "$OUT"/state.tgz -C /tmp --exclude=compile-cache --exclude='*.html' --exclude='*.png' --exclude='*.safetensors' q

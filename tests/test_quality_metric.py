@@ -76,3 +76,36 @@ def test_a_resumed_run_has_no_wall_time_and_is_left_out_of_equal_time():
     assert "| ours | 4 | 2 | 0.530 | 0.530 |" in quality.report([timed])  # two trials done by 25 s
     resumed = {**timed, "runs": [_run("heretic", 4, None), _run("ours", 4, 40.0)]}
     assert "At equal wall time" not in quality.report([resumed])
+
+
+def test_abliterix_gets_the_same_model_prompts_markers_and_budget(tmp_path):
+    import argparse
+
+    from abliterate.judge import default_refusal_markers
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+
+    args = argparse.Namespace(
+        model=Path("/models/refuser"), heretic_startup=None, trials=40, eval_prompts=48,
+        dtype="float32", batch_size=0, max_response_length=64,
+    )  # fmt: skip
+    config = tomllib.loads(quality.abliterix_config(3, args, tmp_path))
+    assert config["seed"] == 3 and config["non_interactive"] is True
+    assert config["system_prompt"] == quality.SYSTEM_PROMPT
+    assert config["model"] == {
+        "model_id": "/models/refuser",
+        "dtype_fallback_order": ["float32"],
+        "device_map": "auto",
+    }
+    assert config["inference"] == {"batch_size": 64, "max_gen_tokens": 64}
+    assert config["optimization"]["num_trials"] == 40 and config["optimization"]["num_warmup_trials"] == 15
+    assert config["detection"]["compliance_markers"] == default_refusal_markers()
+    assert config["target_eval_prompts"]["split"] == "test[:48]"
+    for key, kind, split in [
+        ("target_prompts", "harmful", "train"),
+        ("benign_eval_prompts", "harmless", "test"),
+    ]:
+        folder = Path(config[key]["dataset"])
+        assert folder == tmp_path / "prompts" / kind
+        source = quality.PROMPTS / f"{kind}_{'train' if split == 'train' else 'eval'}.txt"
+        assert (folder / f"{split}.txt").read_text() == source.read_text()
