@@ -5,7 +5,10 @@
 #   ORGANISM=smollm2-135m-refuser (default) or gemma3-270m-refuser; BUDGET (s, default 500), SEEDS,
 #   TRIALS, JOBS, RESULT (the JSON file's name, default quality); TRAIN=1 trains the organism's
 #   adapter afresh (HARMLESS_ANSWERS=written for a base model; the adapter comes back in $OUT)
-#   instead of building the model from the committed one; BENCH=0 stops after the organism.
+#   instead of building the model from the committed one; BENCH=0 stops after the organism;
+#   MPS=0 leaves NVIDIA's Multi-Process Service off (on by default since session 15: the studies
+#   share the GPU, and under MPS their kernels run side by side instead of in turns; results before
+#   that ran without it: wall times differ, what each trial computes does not).
 #
 # The GGUF files travel in git-excluded folders of 32 MB each (a call carries 64 MiB with the
 # 22 MB tracked tree), made here with `split -b 32000000`, and the wheels of
@@ -59,6 +62,7 @@ fi
 sha256sum $MODEL/model.safetensors
 [ "${BENCH:-1}" = 1 ] || exit 0
 # Inside the call's 600 s, with room to pack what finished: quality.py writes its file after every run.
+[ "${MPS:-1}" = 1 ] && { [ -e "${CUDA_MPS_PIPE_DIRECTORY:-/tmp/nvidia-mps}/control" ] || nvidia-cuda-mps-control -d; }
 timeout --kill-after=60 ${BUDGET:-500} python3 benchmarks/quality.py run --model $MODEL --out /tmp/res/${RESULT:-quality}.json \
   --workdir /tmp/q --seeds ${SEEDS:-0,1,2} --trials ${TRIALS:-40} --jobs ${JOBS:-6} "$@" 2>&1 | tail -40
 cp /tmp/res/*.json "$OUT"/ 2>/dev/null
