@@ -240,8 +240,8 @@ def prepare(
     """Load the model, open (or resume) the study, find the directions and count the baseline.
 
     `on_study_open` runs once the model has loaded and the study is open and its scoring checked,
-    before any work on the GPU: the workers of `--workers` use it to say they loaded, or to wait
-    for the worker that began the study (workers.py).
+    before the directions and the baseline: the workers of `--workers` use it to say they loaded,
+    or to wait for the worker that computes those (workers.py).
     """
     # The time budget counts from here: the model's load and the directions are part of what it buys.
     deadline = time.monotonic() + settings.time_budget if settings.time_budget else None
