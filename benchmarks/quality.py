@@ -176,7 +176,7 @@ def run_heretic(seed: int, args, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.toml").write_text(heretic_config(seed, args))
     started = time.time()
-    command = [sys.executable, str(Path(__file__).with_name("heretic_timed.py")), "timings.jsonl"]
+    command = [args.heretic_python, str(Path(__file__).with_name("heretic_timed.py")), "timings.jsonl"]
     # A checkpoint of an earlier call: heretic asks whether to continue it; the answer is yes.
     run_process(command + (["--continue"] if resumed else []), folder / "heretic.log", cwd=folder)
     wall = time.time() - started
@@ -455,7 +455,14 @@ def main() -> None:
     runner.add_argument("--seeds", default="0,1,2", type=lambda text: [int(s) for s in text.split(",")])
     runner.add_argument("--trials", type=int, default=40)
     runner.add_argument(
-        "--heretic-startup", type=int, help="heretic's and abliterix's start-up trials (15 up to 40 trials, else 60)"
+        "--heretic-startup",
+        type=int,
+        help="heretic's and abliterix's start-up trials (15 up to 40 trials, else 60)",
+    )
+    runner.add_argument(
+        "--heretic-python",
+        default=sys.executable,
+        help="the Python that has heretic-llm 1.4.0 (default: this one)",
     )
     runner.add_argument(
         "--abliterix-python",
