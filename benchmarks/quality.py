@@ -146,14 +146,26 @@ def run_ours(label: str, flags: str, seed: int, args, folder: Path) -> dict:
     }  # fmt: skip
 
 
+def anchor_startup(args) -> int:
+    """The other tools' random start-up trials: heretic's default (15 of up to 40 trials, else 60)."""
+    return args.heretic_startup if args.heretic_startup is not None else (15 if args.trials <= 40 else 60)
+
+
+def load_journal_study(journal: Path, study_name: str):
+    """A study another tool kept in an Optuna journal file."""
+    import optuna
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
 def heretic_config(seed: int, args) -> str:
     from abliterate.judge import default_refusal_markers
 
-    startup = args.heretic_startup if args.heretic_startup is not None else (15 if args.trials <= 40 else 60)
     lines = [
         f'model = "{args.model}"', f'dtypes = ["{args.dtype}"]', 'device_map = "auto"',
         f"batch_size = {args.batch_size or 64}", f"max_response_length = {args.max_response_length}",
-        'response_prefix = ""', f"n_trials = {args.trials}", f"n_startup_trials = {startup}", f"seed = {seed}",
+        'response_prefix = ""', f"n_trials = {args.trials}", f"n_startup_trials = {anchor_startup(args)}", f"seed = {seed}",
         'study_checkpoint_dir = "checkpoints"', f'system_prompt = "{SYSTEM_PROMPT}"',
         f"refusal_markers = {json.dumps(default_refusal_markers())}",
     ]  # fmt: skip
@@ -170,8 +182,6 @@ def heretic_config(seed: int, args) -> str:
 
 
 def run_heretic(seed: int, args, folder: Path) -> dict:
-    import optuna
-
     resumed = (folder / "checkpoints").exists()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.toml").write_text(heretic_config(seed, args))
@@ -181,8 +191,7 @@ def run_heretic(seed: int, args, folder: Path) -> dict:
     run_process(command + (["--continue"] if resumed else []), folder / "heretic.log", cwd=folder)
     wall = time.time() - started
     (journal,) = (folder / "checkpoints").glob("*.jsonl")
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    study = optuna.load_study(study_name="heretic", storage=storage)
+    study = load_journal_study(journal, "heretic")
     first = completed(study)[0]
     # heretic's objective values are its own scaled scores; the raw counts are user attributes.
     trials = trial_records(
@@ -212,7 +221,6 @@ def abliterix_config(seed: int, args, folder: Path) -> str:
     def prompt_set(kind: str, split: str) -> str:
         return f'{{ dataset = "{data / kind}", split = "{split}", column = "text" }}'
 
-    startup = args.heretic_startup if args.heretic_startup is not None else (15 if args.trials <= 40 else 60)
     evaluated = f"test[:{args.eval_prompts}]"
     return "\n".join([
         f"seed = {seed}", "non_interactive = true", f'system_prompt = "{SYSTEM_PROMPT}"',
@@ -221,7 +229,7 @@ def abliterix_config(seed: int, args, folder: Path) -> str:
         f"target_eval_prompts = {prompt_set('harmful', evaluated)}",
         "", "[model]", f'model_id = "{args.model}"', f'dtype_fallback_order = ["{args.dtype}"]', 'device_map = "auto"',
         "", "[inference]", f"batch_size = {args.batch_size or 64}", f"max_gen_tokens = {args.max_response_length}",
-        "", "[optimization]", f"num_trials = {args.trials}", f"num_warmup_trials = {startup}",
+        "", "[optimization]", f"num_trials = {args.trials}", f"num_warmup_trials = {anchor_startup(args)}",
         f'checkpoint_dir = "{folder / "checkpoints"}"',
         # abliterix calls its refusal markers compliance markers; it adds ~80 phrases of its own.
         "", "[detection]", f"compliance_markers = {json.dumps(default_refusal_markers())}",
@@ -230,8 +238,6 @@ def abliterix_config(seed: int, args, folder: Path) -> str:
 
 def run_abliterix(seed: int, args, folder: Path) -> dict:
     """One abliterix study, in the Python environment of `--abliterix-python` (it pins optuna 4)."""
-    import optuna
-
     resumed = (folder / "checkpoints").exists()  # an unfinished checkpoint is continued unasked
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "abliterix.toml").write_text(abliterix_config(seed, args, folder))
@@ -246,8 +252,7 @@ def run_abliterix(seed: int, args, folder: Path) -> dict:
     run_process(command, folder / "abliterix.log", cwd=folder)
     wall = time.time() - started
     (journal,) = (folder / "checkpoints").glob("*.jsonl")
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    study = optuna.load_study(study_name="abliterix", storage=storage)
+    study = load_journal_study(journal, "abliterix")
     # The original model's count is only in its log.
     baseline = re.findall(r"Initial refusals: (\d+)/(\d+)", (folder / "abliterix.log").read_text())
     trials = trial_records(
