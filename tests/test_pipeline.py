@@ -506,27 +506,10 @@ def test_a_study_kept_in_sqlite_by_an_earlier_release_grows_there(model, tmp_pat
     monkeypatch.chdir(tmp_path)
     output = tmp_path / "o"
     sqlite = f"sqlite:///{(output / 'study.db').resolve()}"
-    assert (
-        main(["--model", str(model), *FAST, "--select", "none", "--output", str(output), "--storage", sqlite])
-        == 0
-    )
+    argv = ["--model", str(model), *FAST[:-2], "--select", "none", "--output", str(output)]
+    assert main([*argv, "--n-trials", "2", "--storage", sqlite]) == 0
     # Run again without --storage, as a user of the earlier release's default would.
-    assert (
-        main(
-            [
-                "--model",
-                str(model),
-                *FAST[:-2],
-                "--n-trials",
-                "3",
-                "--select",
-                "none",
-                "--output",
-                str(output),
-            ]
-        )
-        == 0
-    )
+    assert main([*argv, "--n-trials", "3"]) == 0
     assert "the study is kept in sqlite:///" in capsys.readouterr().err
     assert not (output / "study.journal").exists()
     assert len(optuna.load_study(study_name="tiny", storage=sqlite).trials) == 3

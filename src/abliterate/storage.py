@@ -132,7 +132,8 @@ class StudyData:
 
     @property
     def has_directions(self) -> bool:
-        """Whether the directions are stored, without decoding them (a waiting worker polls this)."""
+        """Whether the directions are stored, without decoding them (a waiting worker polls this, through
+        `ready_for_trials`)."""
         return self._get(self.DIRECTIONS, "directions") is not None
 
     @property
