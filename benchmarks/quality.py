@@ -15,7 +15,7 @@ time; on one GPU that shares the device between them, which stretches wall times
 
     python benchmarks/quality.py run --model DIR --out runs.json --variant heretic \\
         --variant 'ours=' --variant 'wide=--search-space wide --direction mean-difference' --seeds 0,1,2
-    python benchmarks/quality.py report runs.json [more.json ...]
+    python benchmarks/quality.py report runs.json [more.json ...] [--until-trial N]
 
 A variant is `heretic`, `abliterix` (abliterix 1.12.2, a heretic derivative, configured the same way
 through its TOML file; it pins optuna 4, so it may live in a Python of its own: `--abliterix-python`;
@@ -25,7 +25,8 @@ runs of several files (an anchor's runs measured once and committed, beside new 
 A benchmark told to stop (SIGTERM, as `timeout` sends) gives every tool a Ctrl-C and writes the runs as
 far as they got; `--resume` continues them in a later call (a 200-trial heretic study does not fit
 one 10-minute GPU call). A resumed run has no wall time of its own, so it is left out of the
-equal-time comparison.
+equal-time comparison. `report --until-trial N` reads every run as its first N trials, to compare
+tools at the count the slowest reached when a call stopped it.
 A variant run with `--refusal-judge both` (or `classifier`) records each trial's marker and
 classifier counts; the report then gives the hypervolume by each judge's count alone, side by side.
 """
@@ -335,13 +336,20 @@ def device_name() -> str:
 # -- the report ----------------------------------------------------------------------------------
 
 
-def report(records: list[dict]) -> str:
-    """Per variant and trial budget: hypervolume per seed, mean and spread; then at equal wall time; then fronts."""
+def report(records: list[dict], until_trial: int | None = None) -> str:
+    """Per variant and trial budget: hypervolume per seed, mean and spread; then at equal wall time; then
+    fronts. `until_trial` reads every run as its first trials only, so that runs one tool could not
+    finish in a call compare with the others at the same count."""
     runs = [
         {**run, "budget": record["trials"], "record": number}
         for number, record in enumerate(records)
         for run in record["runs"]
     ]
+    if until_trial is not None:
+        runs = [
+            {**run, "budget": min(run["budget"], until_trial), "trials": run["trials"][:until_trial]}
+            for run in runs
+        ]
     lines = [f"- {r['date']}, {r['device']}, {r['model']}: {r['command']}" for r in records]
     lines += ["", "| variant | trials | hypervolume per seed | mean | spread (max - min) | wall s (mean) |"]
     lines.append("|---|---|---|---|---|---|")
@@ -486,12 +494,13 @@ def main() -> None:
     )
     reporter = commands.add_parser("report", help="tables from JSON files of runs")
     reporter.add_argument("files", nargs="+")
+    reporter.add_argument("--until-trial", type=int, help="read every run as its first N trials only")
     args = parser.parse_args()
     if args.command == "run":
         args.model = args.model.resolve()
         run(args)
     else:
-        print(report([json.loads(Path(file).read_text()) for file in args.files]))
+        print(report([json.loads(Path(file).read_text()) for file in args.files], args.until_trial))
 
 
 if __name__ == "__main__":

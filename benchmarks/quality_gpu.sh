@@ -3,7 +3,8 @@
 # benchmarks/results/quality-*-h200-*.md files. Arguments go to `quality.py run`.
 #
 #   ORGANISM=smollm2-135m-refuser (default) or gemma3-270m-refuser; BUDGET (s, default 500), SEEDS,
-#   TRIALS, JOBS, RESULT (the JSON file's name, default quality); TRAIN=1 trains the organism's
+#   TRIALS, JOBS, RESULT (the JSON file's name, default quality); WORK (the runs' folder, default
+#   /tmp/q: two organisms benchmarked at once, each in its own call of this script, need two); TRAIN=1 trains the organism's
 #   adapter afresh (HARMLESS_ANSWERS=written for a base model; the adapter comes back in $OUT)
 #   instead of building the model from the committed one; BENCH=0 stops after the organism;
 #   MPS=0 leaves NVIDIA's Multi-Process Service off (on by default since session 15: the studies
@@ -25,9 +26,9 @@
 # and heretic's checkpoints, without caches or models) and a trained adapter.
 # Studies longer than a call (TRIALS=200): at BUDGET seconds every tool gets a Ctrl-C and the runs
 # are written as far as they got; the next call on the same warm machine, with the same arguments
-# plus `--resume`, continues them (the machine keeps /tmp/q between calls while it is warm). On a
+# plus `--resume`, continues them (the machine keeps $WORK between calls while it is warm). On a
 # fresh machine (a later session), carry the state.tgz of the last call in a git-excluded folder and
-# name it in STATE=: it becomes /tmp/q again before the runs resume.
+# name it in STATE=: it becomes $WORK again before the runs resume.
 set -u
 # Once per warm machine: a later call may leave `.whl` behind to carry more of a GGUF.
 [ -d /tmp/site/optuna ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -48,9 +49,11 @@ case $ORGANISM in
   *) echo "unknown ORGANISM $ORGANISM"; exit 1 ;;
 esac
 MODEL=/tmp/org-$ORGANISM/model
-if [ -n "${STATE:-}" ] && [ ! -d /tmp/q ]; then tar xzf "$STATE" -C /tmp || exit 1; fi
-mkdir -p "$(dirname $GGUF)" /tmp/res
-[ -f $GGUF ] || cat $PARTS/* > $GGUF
+WORK=${WORK:-/tmp/q}
+RES=$WORK-res
+if [ -n "${STATE:-}" ] && [ ! -d $WORK ]; then tar xzf "$STATE" -C "$(dirname $WORK)" || exit 1; fi
+mkdir -p "$(dirname $GGUF)" $RES
+[ -f $GGUF ] || { cat $PARTS/* > $GGUF.part && mv $GGUF.part $GGUF; }
 echo "$SHA  $GGUF" | sha256sum -c || exit 1
 if [ "${TRAIN:-0}" = 1 ] && [ ! -d $MODEL ]; then
   python3 benchmarks/organism.py train --base $GGUF --out "$(dirname $MODEL)" --device cuda "${TUNE[@]}" \
@@ -63,11 +66,13 @@ sha256sum $MODEL/model.safetensors
 [ "${BENCH:-1}" = 1 ] || exit 0
 # Inside the call's 600 s, with room to pack what finished: quality.py writes its file after every run.
 [ "${MPS:-1}" = 1 ] && { [ -e "${CUDA_MPS_PIPE_DIRECTORY:-/tmp/nvidia-mps}/control" ] || nvidia-cuda-mps-control -d; }
-timeout --kill-after=60 ${BUDGET:-500} python3 benchmarks/quality.py run --model $MODEL --out /tmp/res/${RESULT:-quality}.json \
-  --workdir /tmp/q --seeds ${SEEDS:-0,1,2} --trials ${TRIALS:-40} --jobs ${JOBS:-6} "$@" 2>&1 | tail -40
-cp /tmp/res/*.json "$OUT"/ 2>/dev/null
-mkdir -p /tmp/res/logs && cp /tmp/q/*.log /tmp/res/logs/ 2>/dev/null
-for d in /tmp/q/heretic-seed*; do cp "$d/heretic.log" "/tmp/res/logs/$(basename "$d").log" 2>/dev/null; done
-for d in /tmp/q/abliterix-seed*; do cp "$d/abliterix.log" "/tmp/res/logs/$(basename "$d").log" 2>/dev/null; done
-tar czf "$OUT"/res.tgz -C /tmp res
-tar czf "$OUT"/state.tgz -C /tmp --exclude=compile-cache --exclude='*.html' --exclude='*.png' --exclude='*.safetensors' q
+timeout --kill-after=60 ${BUDGET:-500} python3 benchmarks/quality.py run --model $MODEL --out $RES/${RESULT:-quality}.json \
+  --workdir $WORK --seeds ${SEEDS:-0,1,2} --trials ${TRIALS:-40} --jobs ${JOBS:-6} "$@" 2>&1 | tail -40
+cp $RES/*.json "$OUT"/ 2>/dev/null
+mkdir -p $RES/logs && cp $WORK/*.log $RES/logs/ 2>/dev/null
+for d in $WORK/heretic-seed* $WORK/abliterix-seed*; do
+  cp "$d"/*.log "$RES/logs/$(basename "$d").log" 2>/dev/null
+done
+tar czf "$OUT"/res.tgz -C "$(dirname $RES)" "$(basename $RES)"
+tar czf "$OUT"/state.tgz -C "$(dirname $WORK)" --exclude=compile-cache --exclude='*.html' --exclude='*.png' \
+  --exclude='*.safetensors' "$(basename $WORK)"

@@ -69,6 +69,15 @@ def test_a_run_stopped_short_of_its_budget_says_how_far_it_got():
     assert "| ours | 4 | 0.660, 0.530 (2 trials) |" in text
 
 
+def test_the_report_can_read_every_run_at_the_count_the_slowest_reached():
+    record = {"trials": 4, "date": "d", "device": "cpu", "model": "m", "command": "c",
+              "runs": [_run("ours", 4, 40.0), _run("slow", 2, 20.0)]}  # fmt: skip
+    text = quality.report([record], until_trial=2)
+    assert "| ours | 2 | 0.530 |" in text  # its first two trials only
+    assert "| slow | 2 | 0.530 |" in text  # no longer short of the (cut) budget
+    assert "ours seed 0 (2 trials" in text  # the fronts are cut too
+
+
 def test_a_resumed_run_has_no_wall_time_and_is_left_out_of_equal_time():
     timed = {"trials": 4, "date": "d", "device": "cpu", "model": "m", "command": "c",
              "runs": [_run("heretic", 4, 25.0), _run("ours", 4, 40.0)]}  # fmt: skip
