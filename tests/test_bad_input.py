@@ -193,6 +193,8 @@ CASES = [
     Case("misspelt flag", ["--n-trails", "5"], "unrecognized arguments: --n-trails 5; see `abliterate --help`", 2),
     Case("gpus without workers", ["--gpus", "0,1"],
          "--gpus picks the GPUs of --workers N (N > 1); for one run use --device-map cuda:K", 2),
+    Case("more gpus than workers", ["--workers", "2", "--gpus", "0,1,2"],
+         "--gpus lists 3 GPUs for --workers 2, one GPU each; list 2, or pass --workers 3", 2),
     Case("upload with nothing saved", ["--push-to-hub", "me/x", "--select", "none"],
          "--push-to-hub uploads the saved model, but --select none saves none; pick a trial", 2),
     Case("upload to a malformed repo id", ["--model", "{model}", "--push-to-hub", "me/tiny/extra"],

@@ -15,6 +15,7 @@ import torch
 import transformers
 from conftest import save_tiny_model, tiny_model, tiny_study, tiny_tokenizer
 
+from abliterate import pipeline
 from abliterate.cli import main
 from abliterate.export import ModelCard, clean_partials
 from abliterate.model import ChatModel, left_pad, load_chat_model
@@ -502,6 +503,27 @@ def test_time_left_comes_from_the_studys_mean_trial_time():
     assert StudyTimeRemaining().render(progress.tasks[fresh]).plain == "-:--:--"
 
 
+def test_with_workers_the_time_per_trial_is_the_whole_studys():
+    from datetime import datetime, timedelta
+
+    from abliterate.terminal import seconds_per_finished_trial
+
+    since = datetime(2026, 12, 1, 12, 0)
+    earlier = optuna.trial.create_trial(values=[1, 0.1], params={}, distributions={})
+    earlier.datetime_start, earlier.datetime_complete = (
+        since - timedelta(seconds=90),
+        since - timedelta(seconds=50),
+    )
+    assert seconds_per_finished_trial([earlier], since, now=since) == 40.0  # none since: its mean time
+    # Four workers, each trial 40 s long: four trials finished in the 40 s since.
+    recent = []
+    for _ in range(4):
+        trial = optuna.trial.create_trial(values=[1, 0.1], params={}, distributions={})
+        trial.datetime_start, trial.datetime_complete = since, since + timedelta(seconds=40)
+        recent.append(trial)
+    assert seconds_per_finished_trial([earlier, *recent], since, now=since + timedelta(seconds=40)) == 10.0
+
+
 def test_a_study_kept_in_sqlite_by_an_earlier_release_grows_there(model, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     output = tmp_path / "o"
@@ -513,3 +535,58 @@ def test_a_study_kept_in_sqlite_by_an_earlier_release_grows_there(model, tmp_pat
     assert "the study is kept in sqlite:///" in capsys.readouterr().err
     assert not (output / "study.journal").exists()
     assert len(optuna.load_study(study_name="tiny", storage=sqlite).trials) == 3
+
+
+def test_a_failed_run_keeps_a_storage_file_placed_in_its_new_output_folder(model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "new"
+    journal = output / "mine.journal"
+
+    def export_fails(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pipeline, "export", export_fails)
+    argv = ["--model", str(model), *FAST, "--select", "min-kl", "--output", str(output), "--storage", f"journal:{journal}"]  # fmt: skip
+    with pytest.raises(RuntimeError, match="disk full"):
+        main(argv)
+    assert journal.is_file()  # its trials are kept, and the same command resumes them
+    assert optuna.get_all_study_summaries(open_storage(f"journal:{journal}"))[0].n_trials == 2
+
+
+def test_with_workers_the_parent_only_chooses_and_picking_a_trial_starts_none(model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", str(model), *FAST, "--output", str(tmp_path / "o"), "--workers", "2"]
+    launched, searched = [], []
+    monkeypatch.setattr(pipeline.workers, "launch", lambda *args, **kwargs: launched.append(args))
+    monkeypatch.setattr(pipeline, "search", lambda *args: searched.append(args))
+    # The workers ran the search (and spent any --time-budget): the parent runs no trial of its own.
+    assert main([*argv, "--select", "none"]) == 0
+    assert len(launched) == 1 and searched == []
+    monkeypatch.undo()
+    assert main(["--model", str(model), *FAST, "--output", str(tmp_path / "o"), "--select", "none"]) == 0
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline.workers, "launch", lambda *args, **kwargs: launched.append(args))
+    # A stored trial is saved as it is: no workers, no new trials.
+    assert main([*argv, "--select", "trial:0"]) == 0
+    assert len(launched) == 1 and (tmp_path / "o" / "model").is_dir()
+
+
+def test_a_chosen_trial_whose_refusals_were_skipped_is_counted_for_its_card(model, tmp_path, monkeypatch):
+    import copy
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", str(model), *FAST, "--output", str(tmp_path / "o")]
+    assert main([*argv, "--select", "none"]) == 0
+    study = optuna.load_study(study_name="tiny", storage=open_storage(folder_storage_url(tmp_path / "o")))
+    counted = study.trials[0]
+
+    def as_skipped(study, number):  # how a trial skipped by --skip-dominated is stored
+        trial = copy.deepcopy(counted)
+        trial.values = [999, counted.values[1]]
+        trial.set_user_attr("refusals_counted", False)
+        return trial
+
+    monkeypatch.setattr(pipeline, "finished_trial", as_skipped)
+    assert main([*argv, "--select", "trial:0"]) == 0
+    card = json.loads((tmp_path / "o" / "model" / "abliterate.json").read_text())
+    assert card["refusals"] == counted.values[0]  # counted again, not the stand-in

@@ -225,6 +225,21 @@ def test_adapter_output_equals_the_in_place_edit(architecture, row_norm):
         assert torch.equal(adapted(tokens).logits, tiny_model(architecture)(tokens).logits)
 
 
+def test_adapter_with_row_norm_pre_keeps_a_zero_row_zero():
+    tokens = torch.tensor([[3, 9, 27, 81, 20, 4]])
+    models = [tiny_model("llama"), tiny_model("llama")]
+    for model in models:
+        with torch.no_grad():
+            model.model.layers[0].self_attn.o_proj.weight[5].zero_()  # a pruned feature
+    edits = [Edit(0, "attn", torch.ones(32), 1.0)]
+    AdapterEditor(models[0], find_components(models[0])).apply(edits, "pre")
+    InPlaceEditor(find_components(models[1]), LayerCache(find_components(models[1]))).apply(edits, "pre")
+    with torch.no_grad():
+        adapter_logits, edited_logits = (model(tokens).logits for model in models)
+    assert torch.isfinite(adapter_logits).all()
+    assert torch.allclose(adapter_logits, edited_logits, atol=1e-4, rtol=1e-4)
+
+
 def test_adapter_refuses_full_row_norm():
     model = tiny_model("llama")
     editable = find_components(model)

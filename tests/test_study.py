@@ -11,6 +11,7 @@ import sys
 import time
 
 import optuna
+import psutil
 import pytest
 import torch
 from optuna.trial import TrialState
@@ -30,6 +31,7 @@ from abliterate.storage import (
     folder_storage_url,
     journal_lock,
     open_storage,
+    process_identity,
 )
 from abliterate.study import (
     MAX_CONSECUTIVE_FAILURES,
@@ -272,16 +274,24 @@ def test_a_trial_left_running_by_a_dead_process_of_this_machine_is_failed(tmp_pa
     study = optuna.create_study(storage=storage, directions=["minimize", "minimize"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    orphan, alive, foreign = study.ask(), study.ask(), study.ask()
-    orphan.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
-    alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    foreign.set_user_attr("worker", f"another-host:{dead.pid}")
+    orphan, alive, foreign, reused, old_orphan, old_alive = (study.ask() for _ in range(6))
+    host = socket.gethostname()
+    orphan.set_user_attr("worker", f"{host}:{dead.pid}:{time.time() - 60:.2f}")
+    alive.set_user_attr("worker", process_identity())
+    foreign.set_user_attr("worker", f"another-host:{dead.pid}:{time.time() - 60:.2f}")
+    # A restarted container gives the new run the id its killed run had: the start time tells them apart.
+    reused.set_user_attr("worker", f"{host}:{os.getpid()}:{psutil.Process().create_time() - 60:.2f}")
+    old_orphan.set_user_attr("worker", f"{host}:{dead.pid}")  # as earlier releases named a worker
+    old_alive.set_user_attr("worker", f"{host}:{os.getpid()}")
     fail_stale_trials(study)
     states = {trial.number: trial.state for trial in study.get_trials()}
     assert states == {
         orphan.number: TrialState.FAIL,
         alive.number: TrialState.RUNNING,
         foreign.number: TrialState.RUNNING,
+        reused.number: TrialState.FAIL,
+        old_orphan.number: TrialState.FAIL,
+        old_alive.number: TrialState.RUNNING,
     }
 
 
@@ -308,13 +318,34 @@ def test_only_a_cut_last_line_is_dropped(tmp_path):
     journal = tmp_path / "j"
     lock = journal_lock(journal)
     journal.write_bytes(b"")
-    assert not drop_cut_last_line(journal, lock)
+    drop_cut_last_line(journal, lock)
+    assert journal.read_bytes() == b""
     journal.write_bytes(b'{"a":1}\n{"b":2}\n')
-    assert not drop_cut_last_line(journal, lock) and journal.read_bytes() == b'{"a":1}\n{"b":2}\n'
+    drop_cut_last_line(journal, lock)
+    assert journal.read_bytes() == b'{"a":1}\n{"b":2}\n'
     assert not (tmp_path / "j.flock").exists()  # a whole journal is read without taking the lock
+    journal.write_bytes(b'{"a":1}\n{"b":2')
+    drop_cut_last_line(journal, lock)
+    assert journal.read_bytes() == b'{"a":1}\n'
     journal.write_bytes(b'{"a":1')  # no whole line at all
-    assert drop_cut_last_line(journal, lock) and journal.read_bytes() == b""
+    drop_cut_last_line(journal, lock)
+    assert journal.read_bytes() == b""
     assert lock_is_free(tmp_path / "j.flock")  # given back
+
+
+def test_a_line_cut_while_other_workers_go_on_is_dropped_before_their_next_append(tmp_path):
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = tmp_path / "study.journal"
+    study = optuna.create_study(storage=open_storage(f"journal:{journal}"), study_name="s")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    with journal.open("ab") as file:  # a worker killed midway through its write
+        file.write(b'{"op_code":4,"worker_id":"cut-off')
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)  # this worker goes on
+    plain = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))  # Optuna's own reader
+    assert (
+        len(optuna.load_study(storage=plain, study_name="s").get_trials(states=(TrialState.COMPLETE,))) == 2
+    )
 
 
 def lock_is_free(path) -> bool:

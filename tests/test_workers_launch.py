@@ -64,7 +64,7 @@ def test_an_index_past_the_parents_list_is_one_clear_error(gpus, parent_visible,
 
 class FakeWorker:
     """A worker process as the launcher sees it: the first one says it loaded unless told to fail
-    first; each ends with `code`."""
+    first, and has ended with `code`; the others run until they are terminated, then end with it."""
 
     started: ClassVar[list[FakeWorker]] = []
     loads = True
@@ -78,7 +78,8 @@ class FakeWorker:
             os.write(int(env[workers.LOADED_FD_VARIABLE]), b"1")
 
     def poll(self):
-        return self.code
+        following = workers.FOLLOWS_VARIABLE in self.env
+        return None if following and not self.terminated else self.code
 
     def wait(self):
         return self.code
@@ -112,7 +113,9 @@ def test_the_others_start_once_the_first_has_loaded_and_then_wait_for_it(monkeyp
     waited_with = []
     monkeypatch.setattr(workers.torch.cuda, "device_count", lambda: 0)
     monkeypatch.setattr(
-        workers, "_wait_for_directions", lambda first, others, *args: waited_with.append((first, others))
+        workers,
+        "_wait_for_directions",
+        lambda first, *args: waited_with.append((first, [*fake_workers.started])),
     )
     workers.launch(Settings(workers=3), "sqlite://", "study", tmp_path)
     first, *others = fake_workers.started
@@ -120,7 +123,7 @@ def test_the_others_start_once_the_first_has_loaded_and_then_wait_for_it(monkeyp
     assert all(
         w.env[workers.FOLLOWS_VARIABLE] == "1" and workers.LOADED_FD_VARIABLE not in w.env for w in others
     )
-    assert waited_with == [(first, others)]  # the others were running while the first finished its part
+    assert waited_with == [(first, [first, *others])]  # the others ran while the first finished its part
 
 
 def test_a_first_worker_that_fails_to_load_starts_no_other(monkeypatch, tmp_path, fake_workers):
@@ -147,6 +150,18 @@ def test_a_first_worker_that_fails_before_the_directions_stops_the_others(
         )
     first, *others = fake_workers.started
     assert len(others) == 2 and all(w.terminated for w in others) and not first.terminated
+
+
+def test_a_launcher_that_fails_stops_its_workers(monkeypatch, tmp_path, fake_workers):
+    def storage_fails(*args):
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(workers.torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(workers, "_wait_for_directions", storage_fails)
+    with pytest.raises(RuntimeError, match="database is locked"):
+        workers.launch(Settings(workers=3), "sqlite://", "study", tmp_path)
+    _, *others = fake_workers.started
+    assert len(others) == 2 and all(w.terminated for w in others)  # none runs on without its launcher
 
 
 def test_a_joining_worker_waits_until_the_study_has_directions_and_baseline(monkeypatch):
@@ -233,3 +248,10 @@ def test_the_first_worker_says_it_loaded_and_a_joining_one_waits_only_while_need
     StudyData(study).record_baseline(10, 9)
     worker_process._role(console)(study)  # the first worker's part is done: no wait, no message
     assert capsys.readouterr().err == ""
+
+
+def test_the_variables_handed_to_workers_are_not_taken_for_settings():
+    from abliterate.settings import NOT_SETTINGS
+
+    handed = {value for name, value in vars(workers).items() if name.endswith("_VARIABLE")}
+    assert len(handed) == 4 and handed <= NOT_SETTINGS

@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -26,7 +27,13 @@ from rich.markup import escape
 
 from abliterate import workers
 from abliterate.chat import Chat, chat_loop
-from abliterate.compiled import count_baseline, keep_compiled_code_in, pin_decoder, use_compiled_generation
+from abliterate.compiled import (
+    COMPILE_CACHE,
+    count_baseline,
+    keep_compiled_code_in,
+    pin_decoder,
+    use_compiled_generation,
+)
 from abliterate.components import EditableModel, find_components
 from abliterate.directions import capture_residuals, refusal_directions
 from abliterate.evaluate import (
@@ -36,6 +43,7 @@ from abliterate.evaluate import (
     refusal_judge,
 )
 from abliterate.export import (
+    MARKER,
     ModelCard,
     check_upload,
     clean_partials,
@@ -59,6 +67,8 @@ from abliterate.select import finished_trial, pareto_front, select_trial
 from abliterate.settings import Selection, Settings
 from abliterate.space import SearchSpace, edits_from_params
 from abliterate.storage import (
+    JOURNAL_FILE,
+    SQLITE_FILE,
     StudyData,
     fail_stale_trials,
     folder_holds_study,
@@ -82,6 +92,7 @@ from abliterate.terminal import (
     mean_trial_seconds,
     progress_bars,
     report_failed_trials,
+    seconds_per_finished_trial,
 )
 
 
@@ -132,16 +143,18 @@ def run(settings: Settings, console: Console | None = None, command: str | None 
 
 def _run_in(output: Path, settings: Settings, console: Console, command: str | None) -> Path | None:
     storage_url, study_name = study_location(settings)[1:]
-    if settings.workers > 1:
+    selection = settings.selection
+    picking = selection is not None and selection.rule == "trial"  # a stored trial: no new trials
+    searched_by_workers = settings.workers > 1 and not picking
+    if searched_by_workers:
         console.print(f"starting {settings.workers} workers on study {study_name!r} in {storage_url}")
         if not torch.cuda.is_available():
             console.print(f"no GPU is visible: the {settings.workers} workers share the CPU")
         workers.launch(settings, storage_url, study_name, output, note=console.print)
     session = prepare(settings, console)
-    selection = settings.selection
-    if selection is not None and selection.rule == "trial":
-        finished_trial(session.study, selection.trial_number)  # or one line naming the front: no new trials
-    else:
+    if picking:
+        finished_trial(session.study, selection.trial_number)  # or one line naming the front
+    elif not searched_by_workers:  # the workers ran the search, and spent any --time-budget on it
         search(session, console)
     trial, how = choose(session, console)
     if trial is None:
@@ -217,9 +230,10 @@ def _report(study: optuna.Study, output: Path, trial, samples: list[Sample], con
 
 def _remove_if_unused(created: list[Path]) -> None:
     """A run that stopped before its first trial leaves no folder behind: `created` are the output
-    folder and the parents this run made for it, innermost first."""
+    folder and the parents this run made for it, innermost first. Anything else found in it (a
+    saved model, a `--storage` file placed there) keeps the folder."""
     output = created[0]
-    if (output / "model").exists():
+    if any(not _made_by_a_run(entry.name) for entry in output.iterdir()):
         return
     if folder_holds_study(output):
         try:
@@ -232,6 +246,11 @@ def _remove_if_unused(created: list[Path]) -> None:
     for parent in created[1:]:
         with contextlib.suppress(OSError):  # another run's folder appeared in it meanwhile
             parent.rmdir()
+
+
+def _made_by_a_run(name: str) -> bool:
+    """Whether an entry of an output folder is one a run makes before its first trial."""
+    return name in (MARKER, COMPILE_CACHE) or name.startswith((JOURNAL_FILE, SQLITE_FILE))
 
 
 def prepare(
@@ -453,11 +472,13 @@ def search(session: Session, console: Console) -> None:
         trial_task = progress.add_task("trial", total=session.evaluator.prompt_count)
         session.evaluator.on_batch = lambda prompts: progress.advance(trial_task, prompts)
 
+        searching_since = datetime.now()  # the trials' own clock (Optuna's local, naive times)
+
         def advance(study: optuna.Study, trial) -> None:
             if trial.state == optuna.trial.TrialState.FAIL and "fail_reason" in trial.user_attrs:
                 console.print(f"trial {trial.number:>4}: failed, {trial.user_attrs['fail_reason']}")
             finished = finished_trials(study)
-            seconds_per_trial = mean_trial_seconds(finished)
+            seconds_per_trial = seconds_per_finished_trial(finished, searching_since)
             progress.update(
                 task, completed=min(len(finished), settings.n_trials), seconds_per_trial=seconds_per_trial
             )
@@ -498,13 +519,26 @@ def apply_trial(session: Session, trial) -> None:
     session.editor.apply(trial_edits(session, trial), session.settings.row_norm)
 
 
+def counted_refusals(session: Session, trial) -> int:
+    """A trial's refusal count. The study skipped counting those of a trial that could not reach the
+    front (`--skip-dominated`) and stored the original model's count in their place: chosen by
+    `--select trial:N`, such a trial's refusals are counted now, for the model card."""
+    if trial.user_attrs.get("refusals_counted", True):
+        return int(trial.values[0])
+    apply_trial(session, trial)
+    try:
+        return session.evaluator.count_refusals()
+    finally:
+        session.editor.reset()
+
+
 def export(session: Session, trial, command: str) -> Path:
     stored = StudyData(session.study)
     card = ModelCard(
         source_model=session.model.source if session.model.name != DEMO_MODEL_NAME else DEMO_MODEL_NAME,
         trial=trial.number,
         params=dict(trial.params),
-        refusals=int(trial.values[0]),
+        refusals=counted_refusals(session, trial),
         eval_prompts=stored.eval_prompts,
         baseline_refusals=stored.baseline_refusals,
         kl=float(trial.values[1]),

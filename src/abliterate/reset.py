@@ -270,7 +270,8 @@ class _RankOneHook:
         device = self.matrix.parameter.device
         r = (direction / direction.norm()).float().to(device)
         if row_norm == "pre":
-            norms = _dequantized(self.matrix).norm(dim=-1).float()
+            # Clamped as the in-place edit clamps them (`ablation.ablate`): a zero row stays zero, not NaN.
+            norms = _dequantized(self.matrix).norm(dim=-1).float().clamp_min(torch.finfo(torch.float32).tiny)
             if norms.dim() > 1:
                 raise UserError("--row-norm pre with --reset adapter is not supported for fused experts")
             self.u, self.v = norms * r, r / norms

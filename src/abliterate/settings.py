@@ -246,6 +246,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "--gpus picks the GPUs of --workers N (N > 1); for one run use --device-map cuda:K"
             )
+        if self.gpus is not None and len(self.gpus) > self.workers:
+            raise ValueError(
+                f"--gpus lists {len(self.gpus)} GPUs for --workers {self.workers}, one GPU each; "
+                f"list {self.workers}, or pass --workers {len(self.gpus)}"
+            )
         if self.chat and self.select == "none":
             raise ValueError("--chat talks to the saved model, but --select none saves none; pick a trial")
         if self.refusal_classifier is not None and self.refusal_judge == "markers":
@@ -385,7 +390,10 @@ class Selection:
 
 ENV_PREFIX = "ABLITERATE_"
 # Variables with the prefix that are not settings: the hand-over to worker processes, the tests' database.
-NOT_SETTINGS = {"ABLITERATE_WORKER_SETTINGS", "ABLITERATE_WORKER_NAME", "ABLITERATE_TEST_POSTGRES_URL"}
+NOT_SETTINGS = {
+    "ABLITERATE_WORKER_SETTINGS", "ABLITERATE_WORKER_NAME", "ABLITERATE_WORKER_LOADED_FD", "ABLITERATE_WORKER_FOLLOWS",
+    "ABLITERATE_TEST_POSTGRES_URL",
+}  # fmt: skip
 
 
 def setting_names() -> list[str]:

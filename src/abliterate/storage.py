@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 import optuna
+import psutil
 import torch
 from optuna.storages._rdb import models as optuna_tables
 from optuna.storages.journal import JournalFileOpenLock, JournalFileSymlinkLock
@@ -245,17 +246,22 @@ class KernelLock:
 
     Optuna's journal locks are files that a worker killed while appending leaves behind: the
     others then wait out a 30 s grace period. A lock held through `flock` goes with its process,
-    like SQLite's. For one machine's local disks, as a journal study is.
+    like SQLite's. For one machine's local disks, as a journal study is. Whoever takes it first
+    drops a line that a killed writer left cut off at the journal's end (`drop_cut_last_line`), so
+    that every append starts on a whole line, also while other workers go on.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, journal: Path | None = None):
         self.path = path
+        self.journal = journal
         self._held: IO | None = None
 
     def acquire(self) -> bool:
         held = open(self.path, "a")  # noqa: SIM115 (held until release)
         fcntl.flock(held, fcntl.LOCK_EX)
         self._held = held
+        if self.journal is not None and not _ends_whole(self.journal):
+            _truncate_to_whole_lines(self.journal)
         return True
 
     def release(self) -> None:
@@ -269,41 +275,42 @@ def journal_lock(path: Path) -> KernelLock | JournalFileSymlinkLock:
     """The lock every writer of the journal at `path` takes: the kernel's where it has `flock`."""
     if fcntl is None:  # Windows
         return JournalFileSymlinkLock(str(path))
-    return KernelLock(path.with_name(path.name + ".flock"))
+    return KernelLock(path.with_name(path.name + ".flock"), journal=path)
 
 
-def drop_cut_last_line(path: Path, lock: KernelLock | JournalFileSymlinkLock | JournalFileOpenLock) -> bool:
+def drop_cut_last_line(path: Path, lock: KernelLock | JournalFileSymlinkLock | JournalFileOpenLock) -> None:
     """Remove a journal's last line if a write was cut off in it (a power loss, a killed process).
 
     Optuna's journal reads past a cut last line, but the next append would continue that line and
     leave an unreadable one in the middle, and every later open of the study would fail there. The
     cut write never completed, so its operation is dropped, as if never asked. Checked under the
     journal's lock (`lock`), which every writer holds while it appends, so no write in progress is
-    taken for a cut one. Returns whether a line was dropped.
+    taken for a cut one (a `KernelLock` checks on every acquisition, this is for the others).
     """
     if _ends_whole(path):  # the usual case, read without the lock: a reader need not write anything
-        return False
+        return
     lock.acquire()
     try:
-        if _ends_whole(path):  # a writer was midway through its line
-            return False
-        with path.open("rb+") as journal:
-            size = journal.seek(0, os.SEEK_END)
-            # Back to the end of the last whole line (the file's start if there is none).
-            step = 1 << 16
-            end = size
-            while end > 0:
-                start = max(0, end - step)
-                journal.seek(start)
-                found = journal.read(end - start).rfind(b"\n")
-                if found >= 0:
-                    journal.truncate(start + found + 1)
-                    return True
-                end = start
-            journal.truncate(0)
-            return True
+        if not _ends_whole(path):  # else a writer was midway through its line
+            _truncate_to_whole_lines(path)
     finally:
         lock.release()
+
+
+def _truncate_to_whole_lines(path: Path) -> None:
+    """Cut a journal back to the end of its last whole line (to nothing if it has none)."""
+    with path.open("rb+") as journal:
+        step = 1 << 16
+        end = journal.seek(0, os.SEEK_END)
+        while end > 0:
+            start = max(0, end - step)
+            journal.seek(start)
+            found = journal.read(end - start).rfind(b"\n")
+            if found >= 0:
+                journal.truncate(start + found + 1)
+                return
+            end = start
+        journal.truncate(0)
 
 
 def _ends_whole(path: Path) -> bool:
@@ -335,28 +342,40 @@ def write_ahead(url: str) -> None:
         db.execute("PRAGMA journal_mode=WAL")
 
 
+def process_identity(pid: int | None = None) -> str:
+    """`host:pid:start`, naming one process for as long as the machine runs: a process id alone is
+    reused, and a restarted container often gives the new run the very id its killed run had."""
+    process = psutil.Process(pid)
+    return f"{socket.gethostname()}:{process.pid}:{process.create_time():.2f}"
+
+
 def fail_stale_trials(study: optuna.Study) -> None:
     """Mark the running trials of dead workers as failed, so that their slots are run again.
 
     Storages with heartbeats find dead workers anywhere; for every storage, a trial started by a
-    process of this machine that no longer exists is failed at once (the journal storage has no
+    process of this machine that no longer runs is failed at once (the journal storage has no
     heartbeat, and a killed run would otherwise wait for its own orphan forever on restart).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # does nothing for storages without heartbeats
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if host == socket.gethostname() and pid.isdigit() and not _process_exists(int(pid)):
+        if _started_by_a_gone_process(str(trial.user_attrs.get("worker", ""))):
             with contextlib.suppress(RuntimeError, ValueError):  # another worker failed it first
                 study.tell(trial.number, state=TrialState.FAIL)
 
 
-def _process_exists(pid: int) -> bool:
+def _started_by_a_gone_process(worker: str) -> bool:
+    """Whether `worker` (a `process_identity`, or `host:pid` as earlier releases wrote it) is a
+    process of this machine that no longer runs."""
+    host, _, process = worker.partition(":")
+    pid, _, start = process.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's: its heartbeat, if any, speaks for it
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, but another user's
+        running = process_identity(int(pid))
+    except psutil.NoSuchProcess:
         return True
-    return True
+    except psutil.AccessDenied:  # alive, but another user's
+        return False
+    return bool(start) and running != worker  # the same id, given to a process started since

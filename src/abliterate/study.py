@@ -1,18 +1,17 @@
-"""The Optuna study: the objective, running trials from any number of workers, and picking a trial.
+"""The Optuna study: the objective, and running trials from any number of workers.
 
 Each trial samples its parameters from the search space (`space.py`), edits the model, scores it
-on two objectives to minimise, refusals and KL divergence, and resets it. The storage is
-any Optuna storage URL; the default is an SQLite file, so rerunning the same command continues the
-same study and runs only the trials still missing.
+on two objectives to minimise, refusals and KL divergence, and resets it. The storage is any
+Optuna storage URL; the default is a journal file in the output folder (`storage.py`), so rerunning
+the same command continues the same study and runs only the trials still missing. Choosing a
+trial from the finished study is `select.py`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -26,9 +25,9 @@ from abliterate.errors import UserError
 from abliterate.evaluate import Evaluator, NumericalFault, Scores
 from abliterate.reset import Edit, Editor
 from abliterate.space import SearchSpace, edits_from_params
-from abliterate.storage import StudyData, fail_stale_trials
+from abliterate.storage import StudyData, fail_stale_trials, process_identity
 
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # which process finished a trial, for the record
+WORKER_ID = process_identity()  # which process ran a trial: for the record, and to spot orphans
 MAX_CONSECUTIVE_FAILURES = 20
 # How studies begun before a scoring option existed were scored: what a resume compares against.
 SCORING_BEFORE_OPTIONS = {"--direction": "mean-difference", "--refusal-judge": "markers"}
@@ -309,8 +308,9 @@ def run_study(
     Any number of workers may run this against one storage. Each trial holds a slot while it
     runs; a worker only starts a trial while slots are free, and a trial that finds, once
     created, that lower-numbered trials already fill every slot gives its slot up at once (pruned,
-    before any evaluation). So the study never exceeds `n_trials` finished trials. A worker whose
-    trial is left running by a dead worker waits until the storage's heartbeat marks it failed.
+    before any evaluation). So the study never exceeds `n_trials` finished trials. A slot left
+    running by a dead worker is taken back once it is found dead (`fail_stale_trials`): by the
+    storage's heartbeat, or at once where the worker ran on this machine.
     No trial starts after `deadline` (a `time.monotonic()` value).
     """
     failures = _ConsecutiveFailures()

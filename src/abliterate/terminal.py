@@ -5,7 +5,7 @@ The recipe (`pipeline.py`) calls these; none of them changes a study.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import optuna
 from rich.console import Console
@@ -46,6 +46,18 @@ def mean_trial_seconds(finished: list[optuna.trial.FrozenTrial]) -> float | None
         if trial.datetime_start and trial.datetime_complete
     ]
     return sum(durations) / len(durations) if durations else None
+
+
+def seconds_per_finished_trial(
+    finished: list[optuna.trial.FrozenTrial], since: datetime, now: datetime | None = None
+) -> float | None:
+    """Seconds per trial the whole study finishes, from the trials any worker finished since `since`:
+    with N workers sharing a study, a trial's own duration overstates by N how long the study takes
+    to finish one more. Before the first of those, the study's mean trial time stands in."""
+    recent = sum(1 for trial in finished if trial.datetime_complete and trial.datetime_complete >= since)
+    if not recent:
+        return mean_trial_seconds(finished)
+    return ((now or datetime.now()) - since).total_seconds() / recent
 
 
 class StudyTimeRemaining(ProgressColumn):

@@ -82,10 +82,17 @@ def launch(
             os.close(loaded_write)  # the first worker holds the only other copy: its exit closes the pipe
         _wait_until_loaded(processes[0], loaded_read)
         processes += [start(index, {FOLLOWS_VARIABLE: "1"}) for index in range(1, settings.workers)]
-        _wait_for_directions(processes[0], processes[1:], storage_url, study_name, poll_seconds)
+        _wait_for_directions(processes[0], storage_url, study_name, poll_seconds)
         codes = [process.wait() for process in processes]
     except KeyboardInterrupt:
         # The terminal sends Ctrl-C to the workers too; let them record their trials and stop.
+        for process in processes:
+            process.wait()
+        raise
+    except BaseException:  # the launcher itself failed: no worker goes on without it
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
         for process in processes:
             process.wait()
         raise
@@ -179,14 +186,10 @@ def _wait_until_loaded(first: subprocess.Popen, loaded_read: int) -> None:
 
 
 def _wait_for_directions(
-    first: subprocess.Popen,
-    others: list[subprocess.Popen],
-    storage_url: str,
-    study_name: str,
-    poll_seconds: float,
+    first: subprocess.Popen, storage_url: str, study_name: str, poll_seconds: float
 ) -> None:
     """Wait until the first worker has stored the directions and the baseline; should it stop before
-    that, stop the others (they would wait for ever) and raise."""
+    that, raise (`launch` then stops the others, which would wait for ever)."""
     storage = open_storage(storage_url)
     while True:
         try:
@@ -198,10 +201,6 @@ def _wait_for_directions(
         if code is not None:
             break
         time.sleep(poll_seconds)
-    for other in others:
-        other.terminate()
-    for other in others:
-        other.wait()
     raise UserError(
         f"the first worker stopped (exit code {code}) before it stored the refusal directions "
         "and the baseline; see its messages above"
