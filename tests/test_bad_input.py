@@ -167,7 +167,7 @@ CASES = [
          setup="write_unknown_key_config"),
     Case("missing config file", ["--config", "{tmp}/absent.toml"], "config file {tmp}/absent.toml does not exist", 2),
     Case("cache conflict", ["--model", "{model}", *FAST, "--reset", "host-cache", "--cache-weights", "false", "--output", "{tmp}/out"],
-         "--reset host-cache keeps a cache, but --cache-weights is false; drop one of the two"),
+         "--reset host-cache keeps a cache, but --cache-weights is false; drop one of the two", 2),
     Case("storage that cannot be opened", ["--model", "{model}", *FAST, "--storage", "nosuchdb://x/y", "--output", "{tmp}/out"],
          "cannot open storage 'nosuchdb://x/y': Can't load plugin: sqlalchemy.dialects:nosuchdb"),
     Case("output folder that is not ours", ["--model", "{model}", *FAST, "--output", "{tmp}/theirs"],
@@ -193,6 +193,14 @@ CASES = [
     Case("misspelt flag", ["--n-trails", "5"], "unrecognized arguments: --n-trails 5; see `abliterate --help`", 2),
     Case("gpus without workers", ["--gpus", "0,1"],
          "--gpus picks the GPUs of --workers N (N > 1); for one run use --device-map cuda:K", 2),
+    Case("full row norm through the adapter", ["--reset", "adapter", "--row-norm", "full"],
+         "--row-norm full changes every row's scale and cannot be expressed as an adapter (--reset adapter); "
+         "use none or pre", 2),
+    Case("full row norm of 4-bit weights", ["--quantization", "bnb-4bit", "--row-norm", "full"],
+         "--row-norm full changes every row's scale and cannot be expressed as an adapter (4-bit weights are "
+         "edited through one); use none or pre", 2),
+    Case("4-bit weights reset from disk", ["--quantization", "bnb-4bit", "--reset", "disk"],
+         "--reset disk cannot restore 4-bit weights; use --reset adapter (or auto)", 2),
     Case("more gpus than workers", ["--workers", "2", "--gpus", "0,1,2"],
          "--gpus lists 3 GPUs for --workers 2, one GPU each; list 2, or pass --workers 3", 2),
     Case("upload with nothing saved", ["--push-to-hub", "me/x", "--select", "none"],

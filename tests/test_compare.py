@@ -34,11 +34,11 @@ def test_evaluate_gives_a_saved_trial_the_scores_its_study_gave_it(tmp_path: Pat
     saved = tmp_path / "o" / "model"
     assert main(["evaluate", "--model", str(saved), "--original", str(source), *EVAL]) == 0
     out = capsys.readouterr().out
-    written = json.loads((tmp_path / "evaluation-model.json").read_text())
+    written = json.loads((tmp_path / "evaluation-o.json").read_text())  # named by the study's folder
     assert written["refusals"] == trial.values[0] and written["kl"] == trial.values[1]
     assert written["original_refusals"] == study.user_attrs["baseline_refusals"]
     assert written["eval_prompts"] == 4 and written["original"] == str(source)
-    assert f"{int(trial.values[0])}/4" in out and "written to evaluation-model.json" in out
+    assert f"{int(trial.values[0])}/4" in out and "written to evaluation-o.json" in out
 
 
 def test_evaluating_the_original_against_itself_is_no_change(tmp_path: Path, monkeypatch):
@@ -61,10 +61,17 @@ def test_evaluating_the_original_against_itself_is_no_change(tmp_path: Path, mon
         (["--original", "{tiny}", "--n-trials", "3"],
          "unrecognized arguments: --n-trials 3; see `abliterate evaluate --help`", 2),
         (["--original", "{tiny}"], "abliterate evaluate needs --model: the model to score (a folder or hub id)", 1),
+        # Where the scores go is checked before any model loads, not after the evaluation.
+        (["--model", "{tiny}", "--original", "{tiny}", "--json", "{tiny}/config.json/x.json"],
+         "--json {tiny}/config.json/x.json: {tiny}/config.json is a file, not a folder; choose another --json", 1),
+        (["--model", "{tiny}", "--original", "{tiny}", "--json", "{tiny}"], "--json {tiny} is a folder; name a file", 1),
     ],
 )  # fmt: skip
 def test_evaluate_mistakes_are_one_line(argv, message, code, tmp_path: Path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     tiny = str(save_tiny_model(tmp_path / "tiny"))
     assert main(["evaluate", *[arg.replace("{tiny}", tiny) for arg in argv]]) == code
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"abliterate: error: {message}"
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1]
+        == f"abliterate: error: {message.replace('{tiny}', tiny)}"
+    )

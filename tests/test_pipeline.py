@@ -269,6 +269,28 @@ def test_a_save_interrupted_between_its_two_renames_gets_the_earlier_model_back(
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
 
 
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_earlier_model(tmp_path):
+    from safetensors import SafetensorError
+
+    from abliterate.errors import UserError
+    from abliterate.export import save_model
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"earlier")
+
+    class DiskFull:
+        def save_pretrained(self, folder, **options):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    card = ModelCard(source_model="m", trial=0, params={}, refusals=0, eval_prompts=1, baseline_refusals=1, kl=0.1, command="c")  # fmt: skip
+    with pytest.raises(
+        UserError, match=r"^cannot save the model in .*: Error while serializing: I/O error: No space"
+    ):
+        save_model(DiskFull(), tiny_tokenizer(), tmp_path, card)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]  # nothing half-written left
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == b"earlier"
+
+
 def test_a_model_folder_may_be_written_with_a_tilde_or_a_trailing_slash(model, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -590,3 +612,20 @@ def test_a_chosen_trial_whose_refusals_were_skipped_is_counted_for_its_card(mode
     assert main([*argv, "--select", "trial:0"]) == 0
     card = json.loads((tmp_path / "o" / "model" / "abliterate.json").read_text())
     assert card["refusals"] == counted.values[0]  # counted again, not the stand-in
+
+
+def test_an_output_folder_of_another_models_study_is_refused_before_loading(
+    model, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "o"
+    assert main(["--model", str(model), *FAST, "--select", "none", "--output", str(output)]) == 0
+    before = sorted(path.name for path in output.iterdir())
+    capsys.readouterr()
+    assert main([*FAST, "--select", "none", "--output", str(output)]) == 1  # the built-in demo model
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"abliterate: error: --output {output} holds the study 'tiny' of another model; choose another "
+        "--output (or pass --study-name to keep a second study in it)"
+    ]
+    assert sorted(path.name for path in output.iterdir()) == before

@@ -71,7 +71,7 @@ def test_evaluate_runs_tasks_on_both_models_and_adds_them_to_the_card(tmp_path: 
     capsys.readouterr()
     assert main(argv) == 0
     out = capsys.readouterr().out
-    written = json.loads((tmp_path / "evaluation-model.json").read_text())
+    written = json.loads((tmp_path / "evaluation-o.json").read_text())
     for scores in (written["tasks"], written["original_tasks"]):
         assert set(scores) == {"local_choice", "local_answer"}
         assert (

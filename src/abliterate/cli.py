@@ -48,6 +48,17 @@ EVALUATE_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"give a whole number above 0 (got {text!r})")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """One line, like every other mistake, instead of the whole usage."""
@@ -75,7 +86,13 @@ def build_parser(command: str = "study") -> argparse.ArgumentParser:
         parser.add_argument(
             "--original", help="the source model for /original (default: the one abliterate.json names)"
         )
-        parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (default: 256)")
+        parser.add_argument(
+            "--max-new-tokens",
+            type=positive_int,
+            default=256,
+            metavar="N",
+            help="longest reply (default: 256)",
+        )
         loading = tuple(name for name in HELP_GROUPS["model"] if name != "model")
         _add_settings(parser, {"model": loading, "other": ("debug",)})
         return parser
@@ -232,9 +249,12 @@ def evaluate(argv: list[str]) -> int:
         tasks = compare.TaskRequest(names, task_path, task_limit)
     elif task_path is not None or task_limit is not None:
         raise UserError("--task-path and --task-limit go with --tasks; name the tasks to run")
+    if settings.model is None:
+        raise UserError("abliterate evaluate needs --model: the model to score (a folder or hub id)")
+    json_path = json_path or compare.default_json_path(settings.model)
+    compare.check_writable(json_path)
     quiet_libraries()
     evaluation = compare.evaluate_model(settings, original, Console(stderr=True, highlight=False), tasks)
-    json_path = json_path or compare.default_json_path(settings.model)
     compare.write_json(evaluation, json_path)
     console = Console(highlight=False)
     console.print(compare.evaluation_table(evaluation))

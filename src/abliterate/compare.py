@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from rich.table import Table
 
 from abliterate.errors import UserError
 from abliterate.evaluate import Evaluator, eval_batch_size, load_for_scoring, refusal_judge
-from abliterate.export import write_card_section, write_file_atomically
+from abliterate.export import MARKER, MODEL_FOLDER, write_card_section, write_file_atomically
 from abliterate.model import model_name
 from abliterate.prompts import load_prompts
 from abliterate.settings import Settings
@@ -195,7 +196,26 @@ def record_tasks_in_card(evaluation: Evaluation) -> bool:
 
 
 def default_json_path(model: str) -> Path:
+    """`evaluation-NAME.json`; a study's saved model is named by its output folder (every one of
+    them is a `model` folder, so two evaluations would share the name)."""
+    folder = Path(model).expanduser()
+    if folder.name == MODEL_FOLDER and (folder.parent / MARKER).is_file():
+        return Path(f"evaluation-{model_name(str(folder.parent))}.json")
     return Path(f"evaluation-{model_name(model)}.json")
+
+
+def check_writable(path: Path) -> None:
+    """One line now, before any model loads, where the scores could not be written at the end."""
+    existing = path.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if existing == path.resolve() and existing.is_dir():
+        raise UserError(f"--json {path} is a folder; name a file")
+    if existing != path.resolve() and not existing.is_dir():
+        raise UserError(f"--json {path}: {existing} is a file, not a folder; choose another --json")
+    folder = existing if existing.is_dir() else existing.parent
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"--json {path}: {folder} is not writable; choose another --json")
 
 
 def write_json(evaluation: Evaluation, path: Path) -> None:

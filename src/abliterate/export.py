@@ -9,6 +9,7 @@ Hub sends that saved folder; its preconditions are checked before the study star
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import transformers
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from abliterate.ablation import ablate_
@@ -223,6 +224,7 @@ def merge_checkpoint(
 def _save(write_weights: Callable[[Path], None], tokenizer, output: Path, card: ModelCard) -> Path:
     final = output / MODEL_FOLDER
     partial = Path(tempfile.mkdtemp(prefix=f".{MODEL_FOLDER}.partial-", dir=output))
+    retired: Path | None = None
     try:
         write_weights(partial)
         tokenizer.save_pretrained(partial)
@@ -248,9 +250,14 @@ def _save(write_weights: Callable[[Path], None], tokenizer, output: Path, card: 
             os.replace(partial, final)
     except BaseException as error:
         shutil.rmtree(partial, ignore_errors=True)
-        if isinstance(error, OSError):  # a full disk, a read-only folder
+        if retired is not None:
+            with contextlib.suppress(OSError):  # empty unless the saved model went in: then it stays
+                retired.rmdir()
+        # safetensors reports a full disk as its own error, not as an OSError.
+        if isinstance(error, (OSError, SafetensorError)):  # a full disk, a read-only folder
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
             raise UserError(
-                f"cannot save the model in {output}: {error.strerror or error}; the study is kept: "
+                f"cannot save the model in {output}: {reason}; the study is kept: "
                 "rerun the same command to save again"
             ) from None
         raise

@@ -36,6 +36,7 @@ from abliterate.compiled import (
 )
 from abliterate.components import EditableModel, find_components
 from abliterate.directions import capture_residuals, refusal_directions
+from abliterate.errors import UserError
 from abliterate.evaluate import (
     Evaluator,
     eval_batch_size,
@@ -143,6 +144,8 @@ def run(settings: Settings, console: Console | None = None, command: str | None 
 
 def _run_in(output: Path, settings: Settings, console: Console, command: str | None) -> Path | None:
     storage_url, study_name = study_location(settings)[1:]
+    if settings.storage is None and settings.study_name is None:
+        check_output_is_this_models(output, study_name)
     selection = settings.selection
     picking = selection is not None and selection.rule == "trial"  # a stored trial: no new trials
     searched_by_workers = settings.workers > 1 and not picking
@@ -184,6 +187,22 @@ def _run_in(output: Path, settings: Settings, console: Console, command: str | N
 
         chat_loop(Chat(edited, original, Console(highlight=False)))  # replies on stdout
     return saved
+
+
+def check_output_is_this_models(output: Path, study_name: str) -> None:
+    """An output folder keeps one model's study and saved model: a run of another model there would
+    add a second study to its storage and replace the saved model, so it is refused before loading."""
+    if not folder_holds_study(output):
+        return
+    names = [
+        summary.study_name
+        for summary in optuna.get_all_study_summaries(open_storage(folder_storage_url(output)))
+    ]
+    if names and study_name not in names:
+        raise UserError(
+            f"--output {output} holds the study {names[0]!r} of another model; choose another --output "
+            f"(or pass --study-name to keep a second study in it)"
+        )
 
 
 SAMPLE_PROMPTS = {"harmful": 2, "harmless": 1}
