@@ -629,3 +629,16 @@ def test_an_output_folder_of_another_models_study_is_refused_before_loading(
         "--output (or pass --study-name to keep a second study in it)"
     ]
     assert sorted(path.name for path in output.iterdir()) == before
+
+
+def test_picking_a_trial_of_a_study_not_begun_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "load_for_scoring", lambda *args: pytest.fail("the model was loaded"))
+    assert main(["--select", "trial:0", "--output", str(tmp_path / "new")]) == 1
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith("abliterate: error: --select trial:0: there is no study 'abliterate-demo' in journal:")
+    )
+    assert not (tmp_path / "new").exists()

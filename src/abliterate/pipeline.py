@@ -148,6 +148,15 @@ def _run_in(output: Path, settings: Settings, console: Console, command: str | N
         check_output_is_this_models(output, study_name)
     selection = settings.selection
     picking = selection is not None and selection.rule == "trial"  # a stored trial: no new trials
+    if picking:  # before the model loads: a study to pick from, and the trial in it
+        try:
+            stored = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+        except KeyError:
+            raise UserError(
+                f"--select trial:{selection.trial_number}: there is no study {study_name!r} in {storage_url} "
+                "yet; run it first"
+            ) from None
+        finished_trial(stored, selection.trial_number)
     searched_by_workers = settings.workers > 1 and not picking
     if searched_by_workers:
         console.print(f"starting {settings.workers} workers on study {study_name!r} in {storage_url}")
