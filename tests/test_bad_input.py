@@ -287,3 +287,21 @@ def test_a_cuda_device_map_without_a_gpu_is_one_line(shared_model, tmp_path, mon
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "abliterate: error: --device-map cuda:1, but no CUDA GPU is visible; use --device-map auto or cpu"
     )
+
+
+def test_a_hub_id_when_the_hub_does_not_answer_says_so(monkeypatch, capsys, tmp_path):
+    import transformers
+
+    def unreachable(*args, **kwargs):  # transformers' words when huggingface.co does not answer
+        raise OSError(
+            "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them"
+        )
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", unreachable)
+    assert main(["--model", "someorg/some-model"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "abliterate: error: cannot load model 'someorg/some-model': no local folder of that name, and the "
+        "Hugging Face Hub cannot be reached; check the path, or download the model where there is a network"
+    )

@@ -121,7 +121,9 @@ def build_parser(command: str = "study") -> argparse.ArgumentParser:
     parser = _Parser(
         prog="abliterate",
         description="Remove refusals from a chat model by directional ablation, tuned with Optuna. "
-        "`abliterate evaluate --help`: score any model against its original.",
+        "Other commands: `abliterate evaluate` (score any model against its original), `abliterate chat "
+        "DIR` (talk to a saved model), `abliterate report --output DIR` (rebuild a study's report); "
+        "each has its own --help.",
         epilog="Every option can also be set as ABLITERATE_<NAME> (a prompt set's part as "
         "ABLITERATE_HARMFUL_EVAL__SPLIT) or in config.toml (names with underscores; the prompt sets "
         "are tables: [harmful_eval] split = ...).",

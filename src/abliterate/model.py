@@ -536,6 +536,11 @@ def _load_config(source: str, trust_remote_code: bool, options: dict) -> transfo
                 f"model {source!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it; "
                 "download it first or pass a local folder"
             ) from None
+        if "couldn't connect" in str(error):  # transformers' words when the hub does not answer
+            raise UserError(
+                f"cannot load model {source!r}: no local folder of that name, and the Hugging Face Hub "
+                "cannot be reached; check the path, or download the model where there is a network"
+            ) from None
         raise UserError(f"cannot load model {source!r}: {str(error).splitlines()[0]}") from None
     except ValueError as error:
         message = str(error)
