@@ -211,7 +211,7 @@ CASES = [
          "--push-to-hub needs the network, but HF_HUB_OFFLINE is set; unset it or drop --push-to-hub"),
     Case("select a trial that does not exist",
          ["--model", "{model}", *FAST, "--n-trials", "1", "--select", "trial:99", "--output", "{tmp}/out"],
-         "--select trial:99: the study has no finished trial 99 (it does not exist; 0 finished; on the Pareto front: none)"),
+         "--select trial:99: there is no study 'tiny' in journal:{tmp}/out/study.journal yet; run it first"),
 ]  # fmt: skip
 
 

@@ -58,8 +58,27 @@ def test_lists_in_the_environment_are_commas_or_json(value, monkeypatch):
 
 def test_a_broken_json_list_in_the_environment_is_one_line(monkeypatch):
     monkeypatch.setenv("ABLITERATE_DTYPES", '["float32"')
-    with pytest.raises(SettingsError, match=r"^--dtypes: not a valid JSON list; write it as a,b,c"):
+    with pytest.raises(SettingsError, match=r"^ABLITERATE_DTYPES: not a valid JSON list; write it as a,b,c"):
         load_settings({})
+
+
+def test_a_bad_value_is_named_where_it_was_set(tmp_path: Path, monkeypatch):
+    config = tmp_path / "b.toml"
+    config.write_text('n_trials = "two"\n')
+    with pytest.raises(
+        SettingsError, match=rf"^n_trials in {re.escape(str(config))}: Input should be a valid integer"
+    ):
+        load_settings({}, config)
+    with pytest.raises(SettingsError, match=r"^--n-trials: .* \(got 'x'\)$"):  # the flag wins over the file
+        load_settings({"n_trials": "x"}, config)
+    config.write_text("[harmful_eval]\nsplit = 5\n")
+    with pytest.raises(SettingsError, match=rf"^harmful_eval.split in {re.escape(str(config))}: "):
+        load_settings({}, config)
+    monkeypatch.setenv("ABLITERATE_N_TRIALS", "abc")
+    with pytest.raises(SettingsError, match=r"^ABLITERATE_N_TRIALS: .* \(got 'abc'\)$"):
+        load_settings({})
+    with pytest.raises(SettingsError, match=r"^--gpus: .* \(got 'a'\)$"):  # not --gpus-0
+        load_settings({"n_trials": 3, "workers": 2, "gpus": "a,b"})
 
 
 def test_a_split_flag_keeps_the_source_from_the_config(tmp_path: Path):

@@ -440,6 +440,24 @@ def check_environment(environment: dict[str, str] | None = None) -> None:
             raise SettingsError(f"unknown environment variable {variable}{hint}; see `abliterate --help`")
 
 
+def _where_set(location: list[str], config_file: Path | None, cli_values: dict[str, Any] | None) -> str:
+    """How the user wrote the setting at `location`: `--n-trials`, `ABLITERATE_N_TRIALS` or
+    `n_trials in config.toml` (a prompt set's part: `--harmful-eval-split`, `ABLITERATE_HARMFUL_EVAL__SPLIT`,
+    `harmful_eval.split in config.toml`)."""
+    flag = "--" + "-".join(part.replace("_", "-") for part in location)
+    if not location or cli_values is None:
+        return flag
+    given = cli_values.get(location[0])
+    if given is not None and (len(location) == 1 or not isinstance(given, dict) or location[1] in given):
+        return flag
+    variable = ENV_PREFIX + "__".join(location).upper()
+    if variable in {name.upper() for name in os.environ}:
+        return variable
+    if config_file is not None:
+        return f"{'.'.join(location)} in {config_file}"
+    return flag
+
+
 def _closest(name: str, known: set[str] | list[str]) -> str | None:
     matches = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
     return matches[0] if matches else None
@@ -459,18 +477,21 @@ def load_settings(cli_values: dict[str, Any] | None = None, config_file: Path | 
     try:
         return settings_cls(**(cli_values or {}))
     except ValidationError as error:
-        raise SettingsError(describe_validation_error(error, config_file)) from None
+        raise SettingsError(describe_validation_error(error, config_file, cli_values or {})) from None
     except Exception as error:  # a TOML syntax error surfaces as a plain exception
         if config_file is not None:
             raise SettingsError(f"cannot read {config_file}: {error}") from None
         raise
 
 
-def describe_validation_error(error: ValidationError, config_file: Path | None) -> str:
-    """The first problem of a ValidationError, as `--option: message (got value)`."""
+def describe_validation_error(
+    error: ValidationError, config_file: Path | None, cli_values: dict[str, Any] | None = None
+) -> str:
+    """The first problem of a ValidationError, as `--option: message (got value)`, the option named
+    where its value came from: a flag, an environment variable or the config file."""
     first = error.errors()[0]
-    location = [str(part) for part in first["loc"]]
-    option = "--" + "-".join(part.replace("_", "-") for part in location)
+    location = [str(part) for part in first["loc"] if not isinstance(part, int)]  # not a list's index
+    option = _where_set(location, config_file, cli_values)
     if first["type"] == "extra_forbidden":
         where = f" in {config_file}" if config_file else ""
         name = ".".join(location)
