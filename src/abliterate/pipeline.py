@@ -144,29 +144,15 @@ def run(settings: Settings, console: Console | None = None, command: str | None 
 
 def _run_in(output: Path, settings: Settings, console: Console, command: str | None) -> Path | None:
     storage_url, study_name = study_location(settings)[1:]
-    if settings.storage is None and settings.study_name is None:
-        check_output_is_this_models(output, study_name)
-    selection = settings.selection
-    picking = selection is not None and selection.rule == "trial"  # a stored trial: no new trials
-    if picking:  # before the model loads: a study to pick from, and the trial in it
-        try:
-            stored = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
-        except KeyError:
-            raise UserError(
-                f"--select trial:{selection.trial_number}: there is no study {study_name!r} in {storage_url} "
-                "yet; run it first"
-            ) from None
-        finished_trial(stored, selection.trial_number)
-    searched_by_workers = settings.workers > 1 and not picking
-    if searched_by_workers:
+    check_before_loading(settings, output, storage_url, study_name)
+    picking = settings.selection is not None and settings.selection.rule == "trial"  # no new trials
+    if settings.workers > 1 and not picking:
         console.print(f"starting {settings.workers} workers on study {study_name!r} in {storage_url}")
         if not torch.cuda.is_available():
             console.print(f"no GPU is visible: the {settings.workers} workers share the CPU")
         workers.launch(settings, storage_url, study_name, output, note=console.print)
     session = prepare(settings, console)
-    if picking:
-        finished_trial(session.study, selection.trial_number)  # or one line naming the front
-    elif not searched_by_workers:  # the workers ran the search, and spent any --time-budget on it
+    if settings.workers == 1 and not picking:  # workers ran the search, and spent any --time-budget
         search(session, console)
     trial, how = choose(session, console)
     if trial is None:
@@ -198,20 +184,27 @@ def _run_in(output: Path, settings: Settings, console: Console, command: str | N
     return saved
 
 
-def check_output_is_this_models(output: Path, study_name: str) -> None:
-    """An output folder keeps one model's study and saved model: a run of another model there would
-    add a second study to its storage and replace the saved model, so it is refused before loading."""
-    if not folder_holds_study(output):
-        return
-    names = [
-        summary.study_name
-        for summary in optuna.get_all_study_summaries(open_storage(folder_storage_url(output)))
-    ]
-    if names and study_name not in names:
-        raise UserError(
-            f"--output {output} holds the study {names[0]!r} of another model; choose another --output "
-            f"(or pass --study-name to keep a second study in it)"
-        )
+def check_before_loading(settings: Settings, output: Path, storage_url: str, study_name: str) -> None:
+    """Mistakes the study's storage shows without the model: another model's study in the output
+    folder (a run there would add a second study and replace its saved model), and a trial to pick
+    (`--select trial:N`) that the study does not hold."""
+    if settings.storage is None and settings.study_name is None and folder_holds_study(output):
+        names = [summary.study_name for summary in optuna.get_all_study_summaries(open_storage(storage_url))]
+        if names and study_name not in names:
+            raise UserError(
+                f"--output {output} holds the study {names[0]!r} of another model; choose another --output "
+                "(or pass --study-name to keep a second study in it)"
+            )
+    selection = settings.selection
+    if selection is not None and selection.rule == "trial":
+        try:
+            study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+        except KeyError:
+            raise UserError(
+                f"--select trial:{selection.trial_number}: there is no study {study_name!r} in {storage_url} "
+                "yet; run it first"
+            ) from None
+        finished_trial(study, selection.trial_number)  # or one line naming the front
 
 
 SAMPLE_PROMPTS = {"harmful": 2, "harmless": 1}
