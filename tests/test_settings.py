@@ -239,6 +239,9 @@ def test_help_groups_every_option_by_topic_and_lists_choices():
         assert f"\n{title}:\n" in text
     assert "--reset auto|gpu-cache|host-cache|disk|reload|adapter" in text
     assert "--direction mean-difference|projected|search|choose" in text
+    # Defaults as a user writes them: `true`, not Python's `True`; a prompt set's column too.
+    assert "(default: True)" not in text and "(default: true)" in text
+    assert "column holding the prompt (default: text)" in " ".join(text.split())
     # A topic's options sit under its title: --n-trials under search, not under model.
     assert (
         text.index("\nsearch:\n")

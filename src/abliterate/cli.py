@@ -159,11 +159,17 @@ def _add_setting(parser: argparse._ArgumentGroup, name: str, field: FieldInfo) -
             help=f"split with optional slice, e.g. train[:200] (default: {default.split})",
         )
         parser.add_argument(
-            f"{flag}-column", dest=f"{name}.column", metavar="COLUMN", help="column holding the prompt"
+            f"{flag}-column",
+            dest=f"{name}.column",
+            metavar="COLUMN",
+            help=f"column holding the prompt (default: {default.column})",
         )
         return
     default = field.default
-    shown = ",".join(map(str, default)) if isinstance(default, list) else default
+    if isinstance(default, bool):
+        shown = str(default).lower()  # as the flag is spelled: --cache-weights false
+    else:
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
     help_text = field.description
     if default is not None and "default:" not in (help_text or ""):
         help_text = f"{help_text} (default: {shown})"
