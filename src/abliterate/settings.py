@@ -241,7 +241,8 @@ class Settings(BaseSettings):
         return None if self.select is None else Selection.parse(self.select)
 
     @model_validator(mode="after")
-    def _no_option_without_effect(self) -> Settings:
+    def _options_fit_together(self) -> Settings:
+        """No option without effect, and none that contradicts another: one line each, before loading."""
         if self.gpus is not None and self.workers == 1:
             raise ValueError(
                 "--gpus picks the GPUs of --workers N (N > 1); for one run use --device-map cuda:K"
