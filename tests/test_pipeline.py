@@ -602,13 +602,13 @@ def test_a_chosen_trial_whose_refusals_were_skipped_is_counted_for_its_card(mode
     study = optuna.load_study(study_name="tiny", storage=open_storage(folder_storage_url(tmp_path / "o")))
     counted = study.trials[0]
 
-    def as_skipped(study, number):  # how a trial skipped by --skip-dominated is stored
+    def as_skipped(study, selection):  # the chosen trial, as --skip-dominated would have stored it
         trial = copy.deepcopy(counted)
         trial.values = [999, counted.values[1]]
         trial.set_user_attr("refusals_counted", False)
         return trial
 
-    monkeypatch.setattr(pipeline, "finished_trial", as_skipped)
+    monkeypatch.setattr(pipeline, "select_trial", as_skipped)
     assert main([*argv, "--select", "trial:0"]) == 0
     card = json.loads((tmp_path / "o" / "model" / "abliterate.json").read_text())
     assert card["refusals"] == counted.values[0]  # counted again, not the stand-in

@@ -257,9 +257,7 @@ def evaluate(argv: list[str]) -> int:
         tasks = compare.TaskRequest(names, task_path, task_limit)
     elif task_path is not None or task_limit is not None:
         raise UserError("--task-path and --task-limit go with --tasks; name the tasks to run")
-    if settings.model is None:
-        raise UserError("abliterate evaluate needs --model: the model to score (a folder or hub id)")
-    json_path = json_path or compare.default_json_path(settings.model)
+    json_path = json_path or compare.default_json_path(compare.model_to_score(settings))
     compare.check_writable(json_path)
     quiet_libraries()
     evaluation = compare.evaluate_model(settings, original, Console(stderr=True, highlight=False), tasks)

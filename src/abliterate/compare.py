@@ -64,13 +64,19 @@ class TaskRequest:
         return run_tasks(model, self.names, self.path, self.limit, system_prompt=system_prompt)
 
 
+def model_to_score(settings: Settings) -> str:
+    """`--model`, which evaluate cannot do without."""
+    if settings.model is None:
+        raise UserError("abliterate evaluate needs --model: the model to score (a folder or hub id)")
+    return settings.model
+
+
 def evaluate_model(
     settings: Settings, original: str, console: Console, tasks: TaskRequest | None = None
 ) -> Evaluation:
     """Refusals of `settings.model` and of `original` on the harmful eval prompts, the KL between
     them on the harmless ones, and both models' `tasks` scores."""
-    if settings.model is None:
-        raise UserError("abliterate evaluate needs --model: the model to score (a folder or hub id)")
+    model_to_score(settings)
     harmful = load_prompts(settings.harmful_eval, "--harmful-eval")
     harmless = load_prompts(settings.harmless_eval, "--harmless-eval")
     console.print(f"loading the original, {original}")
@@ -206,12 +212,12 @@ def default_json_path(model: str) -> Path:
 
 def check_writable(path: Path) -> None:
     """One line now, before any model loads, where the scores could not be written at the end."""
-    existing = path.resolve()
+    target = existing = path.resolve()
     while not existing.exists():
         existing = existing.parent
-    if existing == path.resolve() and existing.is_dir():
+    if existing == target and existing.is_dir():
         raise UserError(f"--json {path} is a folder; name a file")
-    if existing != path.resolve() and not existing.is_dir():
+    if existing != target and not existing.is_dir():
         raise UserError(f"--json {path}: {existing} is a file, not a folder; choose another --json")
     folder = existing if existing.is_dir() else existing.parent
     if not os.access(folder, os.W_OK):
