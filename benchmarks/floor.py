@@ -87,8 +87,20 @@ def _best(run, device: torch.device, repeats: int) -> float:
     return min(seconds)
 
 
+# bitsandbytes NF4 as `--quantization bnb-4bit` loads it: 4 bits a weight and a float32 scale per
+# block of 64 (no double quantization). Embeddings and the output head stay in the model's dtype.
+NF4_BYTES_PER_WEIGHT = 0.5 + 4 / 64
+
+
 def workload_of(model: torch.nn.Module, prompt_tokens: int, harmful: int, harmless: int, new_tokens: int,
-                batch_size: int) -> Workload:  # fmt: skip
+                batch_size: int, nf4: bool = False) -> Workload:  # fmt: skip
+    """What a trial of `model` must do; with `nf4`, its weight bytes as bitsandbytes' 4-bit NF4
+    stores them (the decode floor then reads those, as a 4-bit kernel would)."""
     parameters = sum(parameter.numel() for parameter in model.parameters())
     weight_bytes = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
-    return Workload(parameters, weight_bytes, harmful, harmless, prompt_tokens, new_tokens, batch_size)
+    if nf4:
+        head = model.get_output_embeddings()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not head:
+                weight_bytes -= module.weight.numel() * (module.weight.element_size() - NF4_BYTES_PER_WEIGHT)
+    return Workload(parameters, round(weight_bytes), harmful, harmless, prompt_tokens, new_tokens, batch_size)

@@ -8,7 +8,8 @@ random start-up trials, so the sampler costs the same). Each runs as its own pro
 - heretic through `heretic_timed.py`, which calls heretic's own entry point with timers around its
   reset, edit, KL and refusal methods (heretic is configured by its config.toml only, not changed);
 - `ours-4bit`: abliterate on the same model loaded in 4-bit NF4 (`--quantization bnb-4bit`), edited
-  through the rank-1 adapter;
+  through the rank-1 adapter, with the compiled decoder (`--compile auto`); `ours-4bit-eager`
+  without it. Their floor reads the weights' 4-bit bytes;
 - `ours` generates without the compiled decoder (`--compile false`), `ours-compile` with it
   (`--compile true`: a static KV cache whose decoding step is compiled into CUDA graphs). The
   compile happens while the original model's refusals are counted, before the first trial; the
@@ -126,6 +127,7 @@ class PeakDeviceMemory:
 OUR_FLAGS = {
     "ours": ["--reset", "gpu-cache", "--compile", "false"],
     "ours-4bit": ["--reset", "adapter", "--quantization", "bnb-4bit"],
+    "ours-4bit-eager": ["--reset", "adapter", "--quantization", "bnb-4bit", "--compile", "false"],
     "ours-compile": ["--reset", "gpu-cache", "--compile", "true"],
 }
 
@@ -204,8 +206,9 @@ def run_heretic(model: Path, workdir: Path, args) -> list[dict]:
     return rows
 
 
-def model_floor(folder: Path, args, device: Device) -> Floor:
-    """The floor of one trial of this model (see floor.py): its parameters counted on the meta device."""
+def model_floor(folder: Path, args, device: Device, nf4: bool = False) -> Floor:
+    """The floor of one trial of this model (see floor.py): its parameters counted on the meta device;
+    with `nf4`, its weights read as 4-bit NF4."""
     config = transformers.AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -218,8 +221,12 @@ def model_floor(folder: Path, args, device: Device) -> Floor:
     texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
     lengths = [len(tokenizer(text, add_special_tokens=False).input_ids) for text in texts]
     work = workload_of(model, round(statistics.mean(lengths)), len(harmful), len(harmful), args.max_response_length,
-                       args.batch_size or args.chosen_batch_size or len(harmful))  # fmt: skip
+                       args.batch_size or args.chosen_batch_size or len(harmful), nf4=nf4)  # fmt: skip
     return trial_floor(work, device)
+
+
+def floor_of(floors: dict[str, Floor], model: str, tool: str) -> Floor:
+    return floors[f"{model}, 4-bit NF4" if tool.startswith("ours-4bit") else model]
 
 
 def summary(rows: list[dict], skip_first: bool) -> dict[str, float]:
@@ -240,7 +247,7 @@ def main() -> None:
     )
     parser.add_argument("--max-response-length", type=int, default=64)
     parser.add_argument(
-        "--tools", default="ours,heretic", help="ours, ours-4bit (bitsandbytes NF4), ours-compile, heretic"
+        "--tools", default="ours,heretic", help="ours, ours-compile, ours-4bit, ours-4bit-eager (bitsandbytes NF4), heretic"
     )
     args = parser.parse_args()
     os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # heretic's default, for both
@@ -281,6 +288,8 @@ def main() -> None:
                 flush=True,
             )
         floors[name] = model_floor(model, args, device)
+        if any(tool.startswith("ours-4bit") for tool in args.tools.split(",")):
+            floors[f"{name}, 4-bit NF4"] = model_floor(model, args, device, nf4=True)
         if not args.batch_size:
             print(f"{name}: --batch-size 0 chose {args.chosen_batch_size} (the floor's batch)")
     print(
@@ -294,7 +303,7 @@ def main() -> None:
         ours = results.get((name, "ours"))
         ratio = f"{row['total'] / ours['total']:.2f}x" if ours and tool != "ours" else ""
         print(f"| {name} | {tool} | {row['reset']:.4f} | {row['edit']:.4f} | {row['refusals']:.3f} | {row['kl']:.3f} | "
-              f"{row['total']:.3f} | {ratio} | {row['total'] / floors[name].total:.1f}x | {row['peak_gib']:.1f} GiB | "
+              f"{row['total']:.3f} | {ratio} | {row['total'] / floor_of(floors, name, tool).total:.1f}x | {row['peak_gib']:.1f} GiB | "
               f"{row['wall']:.0f} s |")  # fmt: skip
     print(
         f"\na whole study of {STUDY_TRIALS} trials, scaled from this run: its time outside the trials (load, "

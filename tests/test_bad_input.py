@@ -183,7 +183,7 @@ CASES = [
     Case("model folder without weights", ["--model", "{tmp}/weightless", *FAST],
          "cannot load the weights of {tmp}/weightless: Error no file named model.safetensors, or pytorch_model.bin, found in directory {tmp}/weightless.", setup="write_weightless_model"),
     Case("compile without a GPU", ["--model", "{model}", *FAST, "--compile", "--output", "{tmp}/out"],
-         "--compile needs the whole model on one CUDA GPU, edited in place, but it is on cpu; drop --compile"),
+         "--compile needs the whole model on one CUDA GPU, but it is on cpu; drop --compile"),
     Case("output below a file", ["--model", "{model}", *FAST, "--output", "{tmp}/afile.txt/sub"],
          "cannot create --output {tmp}/afile.txt/sub: Not a directory; choose another --output", setup="write_a_file"),
     Case("prompt set that is a folder", ["--model", "{model}", "--harmful-train", "{tmp}/prompts"],

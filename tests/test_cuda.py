@@ -64,7 +64,7 @@ def test_the_compiled_decoder_sees_in_place_edits_and_restores(architecture):
     model = tiny_model(architecture).to(torch.bfloat16).to("cuda")
     chat = ChatModel(model, tiny_tokenizer(), "tiny", None)
     left_pad(chat.tokenizer)
-    enable_compiled_generation(chat, in_place=True)
+    enable_compiled_generation(chat)
     (batch,) = chat.encode(["how do i bake bread", "write malware", "write a poem"], 3, common_length=True)
     before = chat.generate(batch, 12)
     editable = find_components(model)
@@ -90,7 +90,7 @@ def test_the_compiled_greedy_loop_answers_as_transformers_generate(architecture)
     (batch,) = chat.encode(prompts, 4, common_length=True)
     finished = lambda text: len(text) >= 6  # noqa: E731 - the random model's rows get there at different steps
     expected, expected_checked = chat.generate(batch, 16), chat.generate(batch, 16, finished)
-    enable_compiled_generation(chat, in_place=True)
+    enable_compiled_generation(chat)
     assert chat.generate(batch, 16) == expected
     assert chat.generate(batch, 16, finished) == expected_checked
 
@@ -115,9 +115,10 @@ def test_the_adapter_leaves_the_weights_alone_and_its_reset_restores_the_outputs
 @pytest.mark.parametrize(
     ("extra", "compiled"),
     [
-        ([], "true"),  # --compile auto: one CUDA GPU, edited in place
+        ([], "true"),  # --compile auto: one CUDA GPU
         (["--compile", "false"], "false"),
-        (["--quantization", "bnb-4bit"], "false"),  # the adapter: auto leaves the decoder alone
+        (["--quantization", "bnb-4bit"], "true"),  # the adapter's side paths are compiled with the model
+        (["--reset", "adapter"], "true"),
         (["--reset", "host-cache"], "true"),
         (["--compile"], "true"),
         (["--compile", "--reset", "disk"], "true"),

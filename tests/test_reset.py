@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+import torch._dynamo.testing
 import transformers
 from conftest import (
     MOE_ARCHITECTURES,
@@ -223,6 +224,30 @@ def test_adapter_output_equals_the_in_place_edit(architecture, row_norm):
     adapter.reset()
     with torch.no_grad():
         assert torch.equal(adapted(tokens).logits, tiny_model(architecture)(tokens).logits)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen3_moe"])
+def test_a_compiled_forward_reads_each_adapter_edit_without_compiling_again(architecture):
+    """The compiled decoder's graph holds the adapter's side paths, at weight 0 where nothing is
+    edited; later trials' edits reach it through tensors rewritten in place."""
+    torch._dynamo.reset()
+    tokens = torch.tensor([[3, 9, 27, 81, 20, 4]])
+    model = tiny_model(architecture)
+    editable = find_components(model)
+    adapter = AdapterEditor(model, editable)
+    counter = torch._dynamo.testing.CompileCounter()  # compiles into FX graphs run eagerly, and counts
+    compiled = torch.compile(lambda ids: model(ids).logits, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        original = model(tokens).logits
+        assert torch.equal(compiled(tokens), original)
+        for seed in range(2):
+            adapter.apply(random_edits(editable.num_layers, editable.hidden_size, random.Random(seed)), "none")
+            eager = model(tokens).logits
+            assert not torch.equal(eager, original)
+            assert torch.equal(compiled(tokens), eager)
+            adapter.reset()
+            assert torch.equal(compiled(tokens), original)
+    assert counter.frame_count == 1
 
 
 def test_adapter_with_row_norm_pre_keeps_a_zero_row_zero():

@@ -18,15 +18,15 @@ from abliterate.storage import StudyData
 from abliterate.study import pin_scoring
 
 
-def use_compiled_generation(mode: str, study: optuna.Study, model: ChatModel, in_place: bool) -> bool:
+def use_compiled_generation(mode: str, study: optuna.Study, model: ChatModel) -> bool:
     """Turn on the compiled decoder for `--compile true`, and for `auto` where it can serve."""
     if mode == "true":
-        enable_compiled_generation(model, in_place)  # or says why it cannot
+        enable_compiled_generation(model)  # or says why it cannot
         return True
     # A study begun without it goes on without it: its trials must stay comparable.
     if mode == "false" or StudyData(study).scoring.get("--compile") == "false":
         return False
-    if compiled_generation_blocker(model, in_place) is not None:
+    if compiled_generation_blocker(model) is not None:
         return False  # a study begun with it is then refused by `pin_scoring`, with the reason
     # auto is for architectures transformers declares compilable as one graph.
     if not getattr(model.model, "_can_compile_fullgraph", False):

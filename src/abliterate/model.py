@@ -352,29 +352,24 @@ class _StopWhen(transformers.StoppingCriteria):
         return self.done_on_device
 
 
-def compiled_generation_blocker(model: ChatModel, in_place: bool) -> str | None:
+def compiled_generation_blocker(model: ChatModel) -> str | None:
     """Why the compiled decoder cannot serve this model, or None when it can.
 
     The compiled decoder reads the weights where they lie, so in-place edits and restores reach it
-    (benchmarks/results/generation-h200-2026-12-01.md). It needs the whole model on one CUDA
-    device, and weights edited in place: the adapter's hooks change every trial and would make
-    every trial recompile.
+    (benchmarks/results/generation-h200-2026-12-01.md), and so does the adapter, whose side paths
+    read their tensors in place (`reset._RankOneHook`). It needs the whole model on one CUDA device.
     """
     devices = {parameter.device for parameter in model.model.parameters()}
     if len(devices) > 1 or next(iter(devices)).type != "cuda":
         return f"it is on {', '.join(sorted(str(device) for device in devices))}"
-    if not in_place:
-        return "its weights are edited through the adapter (--reset adapter, or 4-bit weights)"
     return None
 
 
-def enable_compiled_generation(model: ChatModel, in_place: bool) -> None:
+def enable_compiled_generation(model: ChatModel) -> None:
     """Generate with a compiled static-cache decoder: about 2x faster refusal counting on a GPU."""
-    blocker = compiled_generation_blocker(model, in_place)
+    blocker = compiled_generation_blocker(model)
     if blocker is not None:
-        raise UserError(
-            f"--compile needs the whole model on one CUDA GPU, edited in place, but {blocker}; drop --compile"
-        )
+        raise UserError(f"--compile needs the whole model on one CUDA GPU, but {blocker}; drop --compile")
     model.compiled_generation = True
 
 

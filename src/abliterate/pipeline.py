@@ -318,8 +318,19 @@ def prepare(
     directions = _directions(study, model, editable, prompts, batch_size, settings.direction, console)
 
     choice = choose_strategy(settings.reset, settings.cache_weights, editable)
+    console.print(describe(choice, editable, model.model))
+    # Before the baseline is counted: the adapter's hooks must be in the forward pass the decoder
+    # compiles then. Making an editor edits nothing.
+    editor = make_editor(
+        choice.strategy,
+        model.model,
+        editable,
+        model.folder,
+        reload=lambda: _reload(model, settings.trust_remote_code),
+        verify=settings.verify_restore,
+    )
     # Before the evaluator: the baseline is counted by the same decoder as the trials.
-    if use_compiled_generation(settings.compile, study, model, in_place=choice.strategy != "adapter"):
+    if use_compiled_generation(settings.compile, study, model):
         keep_compiled_code_in(output)
         console.print(
             f"--compile {settings.compile}: the first generation compiles the decoder (seconds to a minute)"
@@ -348,15 +359,6 @@ def prepare(
         + judge_counts(stored.baseline_by_judge)
     )
 
-    console.print(describe(choice, editable, model.model))
-    editor = make_editor(
-        choice.strategy,
-        model.model,
-        editable,
-        model.folder,
-        reload=lambda: _reload(model, settings.trust_remote_code),
-        verify=settings.verify_restore,
-    )
     return Session(settings, model, editable, study, directions, evaluator, editor, output, deadline)
 
 

@@ -12,7 +12,7 @@ Every trial starts from the original model, so a study resets the model once per
     - `FullReload`: reloads every weight from disk (the slow baseline).
 - `AdapterEditor` never writes weights: a forward hook on each editable module subtracts the
   rank-1 term the edit would have removed, and `reset()` zeroes it. It is the only way to edit
-  4-bit weights, at the price of a slower forward pass.
+  4-bit weights, at the price of a slower forward pass; the compiled decoder serves it too.
 
 All restores copy under `torch.no_grad()` into the existing parameters, so modules, hooks and
 devices keep their identity and the result is bit-identical to the original.
@@ -229,7 +229,7 @@ class AdapterEditor(Editor):
             module = model.get_submodule(module_name)
             if attribute != "weight" and getattr(module, "has_bias", False):
                 raise UserError(f"--reset adapter does not support fused experts with biases ({module_name})")
-            hook = _RankOneHook(matrix, module)
+            hook = _RankOneHook(matrix, module, editable.hidden_size)
             hook.handle = module.register_forward_hook(hook)
             self.hooks[matrix.name] = hook
 
@@ -256,35 +256,50 @@ class _RankOneHook:
 
     For W' = W - w r r^T W this is u = v = r. With row normalization 'pre', W' = W - w D r r^T D^-1 W
     where D holds W's row norms, so u = D r and v = D^-1 r.
+
+    u, v and w are tensors made once and rewritten in place, so that a compiled forward pass (the
+    decoder's CUDA graphs, `decoding.py`) reads each trial's edit where it lies. A compiled forward
+    always takes the side path, at w = 0 where nothing is edited: it must not depend on whether an
+    edit is set, or it would be compiled again whenever that changes. An eager forward skips it.
     """
 
-    def __init__(self, matrix: Matrix, module: nn.Module):
+    def __init__(self, matrix: Matrix, module: nn.Module, hidden_size: int):
         self.matrix = matrix
         self.bias = getattr(module, "bias", None) if matrix.name.endswith(".weight") else None
-        self.u: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.weight = 0.0
+        device = matrix.parameter.device
+        self.u = torch.zeros(hidden_size, dtype=torch.float32, device=device)
+        self.v = torch.zeros_like(self.u)
+        self.weight = torch.zeros((), dtype=torch.float32, device=device)
+        for tensor in (self.u, self.v, self.weight):
+            # CUDA graphs read them at their addresses, instead of copying them in before every replay.
+            torch._dynamo.mark_static_address(tensor)
+        self.active = False
         self.handle = None
 
+    @torch.no_grad()
     def set(self, direction: torch.Tensor, weight: float, row_norm: str) -> None:
-        device = self.matrix.parameter.device
-        r = (direction / direction.norm()).float().to(device)
+        r = (direction / direction.norm()).float().to(self.u.device)
         if row_norm == "pre":
             # Clamped as the in-place edit clamps them (`ablation.ablate`): a zero row stays zero, not NaN.
             norms = _dequantized(self.matrix).norm(dim=-1).float().clamp_min(torch.finfo(torch.float32).tiny)
             if norms.dim() > 1:
                 raise UserError("--row-norm pre with --reset adapter is not supported for fused experts")
-            self.u, self.v = norms * r, r / norms
+            self.u.copy_(norms * r)
+            self.v.copy_(r / norms)
         else:
-            self.u, self.v = r, r
-        self.weight = weight
+            self.u.copy_(r)
+            self.v.copy_(r)
+        self.weight.fill_(weight)
+        self.active = weight != 0.0
 
+    @torch.no_grad()
     def clear(self) -> None:
-        self.u = self.v = None
-        self.weight = 0.0
+        self.weight.zero_()
+        self.active = False
 
     def __call__(self, _module, _inputs, output):
-        if self.u is None or self.weight == 0.0:
+        # `is_compiling` first: while compiling, `active` is never read, so nothing depends on it.
+        if not torch.compiler.is_compiling() and not self.active:
             return output
         hidden = output[0] if isinstance(output, tuple) else output
         written = hidden if self.bias is None else hidden - self.bias

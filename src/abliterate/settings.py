@@ -132,7 +132,7 @@ class Settings(BaseSettings):
         "auto",
         description="count refusals with a static KV cache that torch.compile turns into CUDA graphs: about "
         "2x faster trials after a one-off compile of 10-90 s. auto: on when the whole model is on one CUDA "
-        "GPU and edited in place, and off again if the compile fails",
+        "GPU and its architecture compiles as one graph, and off again if the compile fails",
         json_schema_extra={"metavar": "auto|true|false"},
     )
 
