@@ -247,7 +247,9 @@ def main() -> None:
     )
     parser.add_argument("--max-response-length", type=int, default=64)
     parser.add_argument(
-        "--tools", default="ours,heretic", help="ours, ours-compile, ours-4bit, ours-4bit-eager (bitsandbytes NF4), heretic"
+        "--tools",
+        default="ours,heretic",
+        help="ours, ours-compile, ours-4bit, ours-4bit-eager (bitsandbytes NF4), heretic",
     )
     args = parser.parse_args()
     os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # heretic's default, for both

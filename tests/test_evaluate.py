@@ -80,7 +80,9 @@ def test_compiled_generation_uses_a_static_cache_and_answers_alike():
 
 def test_compiled_generation_needs_one_cuda_gpu():
     model = tiny_chat_model()
-    with pytest.raises(UserError, match=r"^--compile needs the whole model on one CUDA GPU, but it is on cpu"):
+    with pytest.raises(
+        UserError, match=r"^--compile needs the whole model on one CUDA GPU, but it is on cpu"
+    ):
         enable_compiled_generation(model)
     assert not model.compiled_generation
 

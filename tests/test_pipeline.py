@@ -185,7 +185,7 @@ def test_a_compiled_study_runs_our_loop_and_keeps_torch_compiles_caches_in_its_f
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     # As if the model were on one CUDA GPU: our greedy loop then runs, uncompiled on the CPU.
     monkeypatch.setattr("abliterate.compiled.compiled_generation_blocker", lambda *args: None)
-    argv = ["--model", str(model), *FAST, "--reset", reset, "--select", "none", "--output", str(tmp_path / "o")]
+    argv = ["--model", str(model), *FAST, "--reset", reset, "--select", "none", "--output", str(tmp_path / "o")]  # fmt: skip
     assert main(argv) == 0
     assert scoring_of(tmp_path / "o")["--compile"] == "true"
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "o").resolve() / "compile-cache")

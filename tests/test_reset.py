@@ -241,7 +241,8 @@ def test_a_compiled_forward_reads_each_adapter_edit_without_compiling_again(arch
         original = model(tokens).logits
         assert torch.equal(compiled(tokens), original)
         for seed in range(2):
-            adapter.apply(random_edits(editable.num_layers, editable.hidden_size, random.Random(seed)), "none")
+            edits = random_edits(editable.num_layers, editable.hidden_size, random.Random(seed))
+            adapter.apply(edits, "none")
             eager = model(tokens).logits
             assert not torch.equal(eager, original)
             assert torch.equal(compiled(tokens), eager)
