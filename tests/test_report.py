@@ -72,3 +72,15 @@ def test_report_of_a_folder_without_a_study_is_one_line(tmp_path: Path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"abliterate: error: {tmp_path} holds no study; give the study's --storage and --study-name"
     )
+
+
+def test_report_of_a_storage_that_is_not_there_is_one_line_and_makes_no_file(tmp_path: Path, capsys):
+    for url, path in (
+        (f"sqlite:///{tmp_path}/nope.db", tmp_path / "nope.db"),
+        (f"journal:{tmp_path}/nope.journal", tmp_path / "nope.journal"),
+    ):
+        assert main(["report", "--output", str(tmp_path), "--storage", url]) == 1
+        assert capsys.readouterr().err.strip() == (
+            f"abliterate: error: there is no {path}; give the --storage a study was run with"
+        )
+        assert not path.exists()

@@ -40,6 +40,21 @@ def test_a_models_workload_counts_every_weight_once():
     assert (work.harmful_prompts, work.harmless_prompts, work.batch_size) == (10, 8, 4)
 
 
+def test_a_4bit_workload_reads_the_layers_matrices_at_nf4_bytes_and_the_rest_as_they_are():
+    model = tiny_model("llama").to(torch.bfloat16)
+    full = floor.workload_of(model, prompt_tokens=12, harmful=10, harmless=8, new_tokens=4, batch_size=4)
+    nf4 = floor.workload_of(
+        model, prompt_tokens=12, harmful=10, harmless=8, new_tokens=4, batch_size=4, nf4=True
+    )
+    head = model.get_output_embeddings()
+    linear = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
+    )
+    assert 0 < linear < full.parameters
+    assert nf4.parameters == full.parameters  # the matrix work is the same
+    assert nf4.weight_bytes == round(full.weight_bytes - linear * (2 - 0.5625))
+
+
 def test_the_device_is_measured_not_assumed():
     measured = floor.measure_device(torch.device("cpu"), dtype=torch.float32, repeats=2)
     assert measured.bandwidth > 1e8 and measured.matmul_flops > 1e8

@@ -320,7 +320,7 @@ def report(argv: list[str]) -> int:
     from abliterate.storage import open_storage
 
     quiet_libraries()
-    opened = open_storage(storage)
+    opened = open_storage(storage, existing=True)
     names = [summary.study_name for summary in optuna.get_all_study_summaries(opened)]
     name = arguments.study_name or (names[0] if len(names) == 1 else None)
     if name not in names:

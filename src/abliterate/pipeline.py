@@ -70,6 +70,7 @@ from abliterate.space import SearchSpace, edits_from_params
 from abliterate.storage import (
     JOURNAL_FILE,
     SQLITE_FILE,
+    MissingStorage,
     StudyData,
     fail_stale_trials,
     folder_holds_study,
@@ -198,8 +199,8 @@ def check_before_loading(settings: Settings, output: Path, storage_url: str, stu
     selection = settings.selection
     if selection is not None and selection.rule == "trial":
         try:
-            study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
-        except KeyError:
+            study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url, existing=True))
+        except (KeyError, MissingStorage):
             raise UserError(
                 f"--select trial:{selection.trial_number}: there is no study {study_name!r} in {storage_url} "
                 "yet; run it first"

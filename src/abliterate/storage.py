@@ -205,8 +205,33 @@ def folder_holds_study(output: Path) -> bool:
     return (output / SQLITE_FILE).is_file() or (output / JOURNAL_FILE).is_file()
 
 
-def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
-    """An Optuna storage from a URL; `journal:PATH` gives a file journal safe for several processes."""
+class MissingStorage(UserError):
+    """A study's file that is read, not made, is not there."""
+
+
+def storage_file(url: str) -> Path | None:
+    """The local file a journal or SQLite URL keeps its studies in; None for a database server."""
+    if url.startswith("journal:"):
+        return Path(url[len("journal:") :])
+    if not url.startswith("sqlite"):
+        return None
+    try:
+        database = make_url(url).database
+    except ArgumentError:
+        return None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def open_storage(url: str, attempts: int = 5, existing: bool = False) -> optuna.storages.BaseStorage:
+    """An Optuna storage from a URL; `journal:PATH` gives a file journal safe for several processes.
+
+    `existing`: the storage is only read (a report, a trial to pick), so a file that is not there is
+    an error, not made empty."""
+    path = storage_file(url)
+    if existing and path is not None and not path.is_file():
+        raise MissingStorage(f"there is no {path}; give the --storage a study was run with")
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
@@ -332,11 +357,8 @@ def write_ahead(url: str) -> None:
     process on one machine, as SQLite studies already do. A database that cannot be opened here is
     left to the storage to report.
     """
-    try:
-        database = make_url(url).database
-    except ArgumentError:
-        return
-    if not database or database == ":memory:" or database.startswith("file:"):
+    database = storage_file(url)
+    if database is None:
         return
     with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(database, timeout=60)) as db:
         db.execute("PRAGMA journal_mode=WAL")
