@@ -18,8 +18,8 @@ random start-up trials, so the sampler costs the same). Each runs as its own pro
 Per trial: reset, edit, refusal generation, KL, and the total wall time of the trial as Optuna
 recorded it (start to finish, sampler included). Then what a user waits for: a default study of
 200 trials, scaled from the run (its time outside the trials plus 200 median trials). Models: the
-demo model, and models shaped as Qwen2.5-7B (`7b`), Qwen2.5-32B (`32b`, 65 GB on disk) or
-SmolLM2-135M (`135m`) with random weights saved to local disk (shape is what costs time; random
+demo model, and models shaped as Qwen2.5-7B (`7b`), Qwen2.5-32B (`32b`, 65 GB on disk), Qwen2.5-0.5B
+(`0.5b`) or SmolLM2-135M (`135m`) with random weights saved to local disk (shape is what costs time; random
 weights never say a refusal marker or end-of-sequence, so both tools generate every response to
 full length there).
 
@@ -60,6 +60,9 @@ SHAPES = {
     "32b": (transformers.Qwen2Config, dict(  # Qwen2.5-32B: 65 GB of bf16 weights, saved to --workdir
         hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
         num_key_value_heads=8, vocab_size=152064, max_position_embeddings=4096)),
+    "0.5b": (transformers.Qwen2Config, dict(  # Qwen2.5-0.5B
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True)),
     "135m": (transformers.LlamaConfig, dict(  # SmolLM2-135M
         hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)),
