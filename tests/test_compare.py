@@ -60,6 +60,9 @@ def test_evaluating_the_original_against_itself_is_no_change(tmp_path: Path, mon
         (["--model", "x"], "the following arguments are required: --original; see `abliterate evaluate --help`", 2),
         (["--original", "{tiny}", "--n-trials", "3"],
          "unrecognized arguments: --n-trials 3; see `abliterate evaluate --help`", 2),
+        # Scoring reads the eval prompts only: the train prompts find directions, which it has none of.
+        (["--original", "{tiny}", "--harmful-train-split", "train[:8]"],
+         "unrecognized arguments: --harmful-train-split train[:8]; see `abliterate evaluate --help`", 2),
         (["--original", "{tiny}"], "abliterate evaluate needs --model: the model to score (a folder or hub id)", 1),
         # Where the scores go is checked before any model loads, not after the evaluation.
         (["--model", "{tiny}", "--original", "{tiny}", "--json", "{tiny}/config.json/x.json"],

@@ -643,3 +643,12 @@ def test_picking_a_trial_of_a_study_not_begun_is_refused_before_loading(tmp_path
         .startswith("abliterate: error: --select trial:0: there is no study 'abliterate-demo' in journal:")
     )
     assert not (tmp_path / "new").exists()
+
+
+def test_a_run_that_fails_before_its_first_trial_leaves_an_empty_output_empty(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "empty"
+    output.mkdir()
+    assert main(["--select", "trial:0", "--output", str(output)]) == 1
+    assert "there is no study" in capsys.readouterr().err
+    assert output.is_dir() and not any(output.iterdir())  # not even the marker a run leaves

@@ -40,10 +40,11 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "speed and scale": ("batch_size", "compile", "workers", "gpus"),
     "other": ("debug",),
 }  # fmt: skip
-# `abliterate evaluate` scores a model as a study would: it takes the settings that scoring reads.
+# `abliterate evaluate` scores a model as a study would: it takes the settings that scoring reads
+# (the eval prompts, not the train prompts that find directions).
 EVALUATE_GROUPS: dict[str, tuple[str, ...]] = {
     "model (and the original)": HELP_GROUPS["model"],
-    "prompts and scoring": HELP_GROUPS["prompts and scoring"],
+    "prompts and scoring": tuple(name for name in HELP_GROUPS["prompts and scoring"] if "_train" not in name),
     "other": ("batch_size", "debug"),
 }
 
@@ -72,9 +73,13 @@ def build_parser(command: str = "study") -> argparse.ArgumentParser:
             prog="abliterate report",
             description="Rebuild report.html and pareto.png of a study's output folder from the study.",
         )
-        parser.add_argument("--output", type=Path, required=True, help="the study's output folder")
-        parser.add_argument("--storage", help="the study's storage URL (default: the folder's study.journal)")
-        parser.add_argument("--study-name", help="the study's name (default: the storage's only study)")
+        parser.add_argument("--output", type=Path, required=True, metavar="DIR", help="the study's output folder")
+        parser.add_argument(
+            "--storage", metavar="URL", help="the study's storage URL (default: the folder's study.journal)"
+        )
+        parser.add_argument(
+            "--study-name", metavar="NAME", help="the study's name (default: the storage's only study)"
+        )
         return parser
     if command == "chat":
         parser = _Parser(

@@ -134,12 +134,13 @@ def run(settings: Settings, console: Console | None = None, command: str | None 
     # The output folder is checked before the model loads: a mistake there costs no waiting.
     output = study_location(settings)[0]
     created = [folder for folder in (output, *output.parents) if not folder.exists()]
+    found_empty = output.is_dir() and not any(output.iterdir())
     prepare_output(output, None if gguf_file_of(settings.model) else local_folder(settings.model))
     try:
         return _run_in(output, settings, console, command)
     except BaseException:
-        if created:
-            _remove_if_unused(created)
+        if created or found_empty:
+            _remove_if_unused(output, created)
         raise
 
 
@@ -250,11 +251,11 @@ def _report(study: optuna.Study, output: Path, trial, samples: list[Sample], con
     console.print(f"report: {' and '.join(str(path) for path in reversed(written))}")
 
 
-def _remove_if_unused(created: list[Path]) -> None:
-    """A run that stopped before its first trial leaves no folder behind: `created` are the output
-    folder and the parents this run made for it, innermost first. Anything else found in it (a
-    saved model, a `--storage` file placed there) keeps the folder."""
-    output = created[0]
+def _remove_if_unused(output: Path, created: list[Path]) -> None:
+    """A run that stopped before its first trial leaves the output as it found it: absent, or
+    empty. `created` are the folders this run made (the output and its parents, innermost first),
+    none when the output was there, empty. Anything else found in it (a saved model, a `--storage`
+    file placed there) keeps everything."""
     if any(not _made_by_a_run(entry.name) for entry in output.iterdir()):
         return
     if folder_holds_study(output):
@@ -264,6 +265,13 @@ def _remove_if_unused(created: list[Path]) -> None:
             return
         if any(summary.n_trials for summary in summaries):
             return
+    if not created:
+        for entry in output.iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        return
     shutil.rmtree(output, ignore_errors=True)
     for parent in created[1:]:
         with contextlib.suppress(OSError):  # another run's folder appeared in it meanwhile

@@ -186,14 +186,19 @@ class Settings(BaseSettings):
         "none", description="none, pre (edit row-normalized), full (rows keep their norms)"
     )
     storage: str | None = Field(
-        None, description="Optuna storage URL; default: a journal file in the output folder"
+        None,
+        description="Optuna storage URL; default: a journal file in the output folder",
+        json_schema_extra={"metavar": "URL"},
     )
     study_name: str | None = Field(
         None, description="study name in the storage; default: from the model name"
     )
 
     workers: int = Field(
-        1, ge=1, description="worker processes on this machine, one per GPU, sharing the study"
+        1,
+        ge=1,
+        description="worker processes on this machine, one per GPU, sharing the study",
+        json_schema_extra={"metavar": "N"},
     )
     gpus: Annotated[list[int] | None, NoDecode] = Field(
         None, description="GPUs for the workers (comma-separated); default: all visible"
