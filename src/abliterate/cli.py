@@ -73,7 +73,9 @@ def build_parser(command: str = "study") -> argparse.ArgumentParser:
             prog="abliterate report",
             description="Rebuild report.html and pareto.png of a study's output folder from the study.",
         )
-        parser.add_argument("--output", type=Path, required=True, metavar="DIR", help="the study's output folder")
+        parser.add_argument(
+            "--output", type=Path, required=True, metavar="DIR", help="the study's output folder"
+        )
         parser.add_argument(
             "--storage", metavar="URL", help="the study's storage URL (default: the folder's study.journal)"
         )
