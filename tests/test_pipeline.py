@@ -309,6 +309,49 @@ def test_the_chat_puts_the_system_prompt_first():
     assert text.startswith("<|system|>Be brief.<|end|><|user|>hi") and text.endswith("<|assistant|>")
 
 
+# Gemma 2's template: it refuses a system message.
+NO_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_a_system_prompt_goes_before_the_first_message_where_the_template_takes_no_system_message():
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    chat = ChatModel(None, tokenizer, "tiny", None, system_prompt="Be brief.")
+    assert not chat.template_takes_system_prompt
+    text = chat.format_conversation(
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "?"},
+        ]
+    )
+    assert text == "<|user|>Be brief.\n\nhi<|end|><|assistant|>hello<|end|><|user|>?<|end|><|assistant|>"
+    assert ChatModel(None, tiny_tokenizer(), "tiny", None).template_takes_system_prompt
+
+
+def test_a_study_says_where_its_system_prompt_goes_and_a_broken_template_is_one_line(
+    model, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    template = tmp_path / "no-system.jinja"
+    template.write_text(NO_SYSTEM_TEMPLATE)
+    argv = ["--model", str(model), *FAST, "--system-prompt", "Be brief.", "--select", "none"]
+    assert main([*argv, "--chat-template", str(template), "--output", str(tmp_path / "o")]) == 0
+    assert "the chat template takes no system message: --system-prompt is put before each prompt" in (
+        capsys.readouterr().err
+    )
+    template.write_text("{{ raise_exception('no user messages please') }}")
+    assert main([*argv, "--chat-template", str(template), "--output", str(tmp_path / "p")]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "abliterate: error: the chat template of tiny fails (no user messages please); pass a working one "
+        "with --chat-template"
+    )
+
+
 def test_selecting_a_trial_that_did_not_finish_is_an_error_and_runs_no_trial(
     model, tmp_path, monkeypatch, capsys
 ):

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TypeVar
 
+import jinja2
 import torch
 import transformers
 from torch import nn
@@ -120,9 +121,32 @@ class ChatModel:
         return self.format_conversation([{"role": "user", "content": prompt}])
 
     def format_conversation(self, messages: list[dict[str, str]]) -> str:
-        """The chat template applied to `messages`, after the system prompt if there is one."""
-        if self.system_prompt:
+        """The chat template applied to `messages`, after the system prompt if there is one: as a
+        system message, or before the first message's text where the template takes none."""
+        if self.system_prompt and self.template_takes_system_prompt:
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        elif self.system_prompt:
+            first, *rest = messages
+            messages = [{**first, "content": f"{self.system_prompt}\n\n{first['content']}"}, *rest]
+        try:
+            return self._apply_template(messages)
+        except jinja2.TemplateError as error:
+            raise UserError(
+                f"the chat template of {self.name} fails ({error}); pass a working one with --chat-template"
+            ) from None
+
+    @functools.cached_property
+    def template_takes_system_prompt(self) -> bool:
+        """Whether the chat template takes a system message. Gemma 2's refuses one ("System role not
+        supported"); Google's advice, and what Gemma 3's template does itself, is to put it before
+        the user's first message."""
+        try:
+            self._apply_template([{"role": "system", "content": "?"}, {"role": "user", "content": "?"}])
+        except jinja2.TemplateError:
+            return False
+        return True
+
+    def _apply_template(self, messages: list[dict[str, str]]) -> str:
         options = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
         return self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False, **options

@@ -305,6 +305,8 @@ def prepare(
         console.print(
             f"thinking blocks ({' ... '.join(model.thinking_markers)}) are skipped when counting refusals"
         )
+    if settings.system_prompt and not model.template_takes_system_prompt:
+        console.print("the chat template takes no system message: --system-prompt is put before each prompt")
     editable = find_components(model.model)
     output, storage_url, study_name = study_location(settings)
     prepare_output(output, model.folder)  # again: a hub model's folder is known only now
