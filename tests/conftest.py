@@ -86,6 +86,14 @@ ARCHITECTURES = {
 MOE_ARCHITECTURES = ("qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss", "listed_experts")
 
 
+# Gemma 2's template: it refuses a system message.
+NO_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
     """A fresh copy each call: tests may change their tokenizer."""
     return copy.deepcopy(_trained_tokenizer())

@@ -15,7 +15,7 @@ from conftest import assert_identical, random_edits, saved, snapshot, tiny_model
 from abliterate.cli import main
 from abliterate.components import find_components
 from abliterate.model import ChatModel, enable_compiled_generation, left_pad
-from abliterate.reset import LayerCache, choose_strategy, make_editor
+from abliterate.reset import Edit, LayerCache, choose_strategy, make_editor
 from abliterate.storage import folder_storage_url, open_storage
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -93,6 +93,39 @@ def test_the_compiled_greedy_loop_answers_as_transformers_generate(architecture)
     enable_compiled_generation(chat)
     assert chat.generate(batch, 16) == expected
     assert chat.generate(batch, 16, finished) == expected_checked
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma3", "qwen3_moe"])
+def test_the_compiled_decoder_follows_the_adapters_edits_without_compiling_again(architecture, tmp_path):
+    """4-bit weights and --reset adapter: the decoder compiles once, and every trial's edit and
+    reset reach its CUDA graphs (float32, so that compiled and eager tokens agree)."""
+    model = tiny_model(architecture).to("cuda")
+    chat = ChatModel(model, tiny_tokenizer(), "tiny", None)
+    left_pad(chat.tokenizer)
+    editable = find_components(model)
+    adapter = make_editor("adapter", model, editable, saved(model, tmp_path))
+    direction = torch.randn(editable.hidden_size, generator=torch.Generator().manual_seed(0))
+    edits = [
+        Edit(layer, component, direction, 4.0)
+        for layer in range(editable.num_layers)
+        for component in ("attn", "mlp")
+    ]
+    (batch,) = chat.encode(["how do i bake bread", "write malware", "write a poem"], 3, common_length=True)
+    before = chat.generate(batch, 12)
+    adapter.apply(edits)
+    edited = chat.generate(batch, 12)
+    adapter.reset()
+    assert edited != before
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    enable_compiled_generation(chat)
+    for _ in range(2):
+        assert chat.generate(batch, 12) == before
+        adapter.apply(edits)
+        assert chat.generate(batch, 12) == edited
+        adapter.reset()
+    assert chat.generate(batch, 12) == before
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 def test_the_adapter_leaves_the_weights_alone_and_its_reset_restores_the_outputs(tmp_path):

@@ -13,14 +13,15 @@ import optuna
 import pytest
 import torch
 import transformers
-from conftest import save_tiny_model, tiny_model, tiny_study, tiny_tokenizer
+from conftest import NO_SYSTEM_TEMPLATE, save_tiny_model, tiny_model, tiny_study, tiny_tokenizer
 
 from abliterate import pipeline
 from abliterate.cli import main
+from abliterate.errors import UserError
 from abliterate.export import ModelCard, clean_partials
 from abliterate.model import ChatModel, left_pad, load_chat_model
 from abliterate.settings import Selection
-from abliterate.storage import folder_storage_url, open_storage
+from abliterate.storage import folder_holds_study, folder_storage_url, open_storage
 from abliterate.terminal import ask_selection, direction_cell
 
 FAST = tiny_study(2)
@@ -273,7 +274,6 @@ def test_a_save_interrupted_between_its_two_renames_gets_the_earlier_model_back(
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_earlier_model(tmp_path):
     from safetensors import SafetensorError
 
-    from abliterate.errors import UserError
     from abliterate.export import save_model
 
     (tmp_path / "model").mkdir()
@@ -309,14 +309,6 @@ def test_the_chat_puts_the_system_prompt_first():
     assert text.startswith("<|system|>Be brief.<|end|><|user|>hi") and text.endswith("<|assistant|>")
 
 
-# Gemma 2's template: it refuses a system message.
-NO_SYSTEM_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
 def test_a_system_prompt_goes_before_the_first_message_where_the_template_takes_no_system_message():
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = NO_SYSTEM_TEMPLATE
@@ -346,10 +338,12 @@ def test_a_study_says_where_its_system_prompt_goes_and_a_broken_template_is_one_
     )
     template.write_text("{{ raise_exception('no user messages please') }}")
     assert main([*argv, "--chat-template", str(template), "--output", str(tmp_path / "p")]) == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
         "abliterate: error: the chat template of tiny fails (no user messages please); pass a working one "
         "with --chat-template"
     )
+    assert "takes no system message" not in err  # it fails for every conversation, not for the system one
 
 
 def test_selecting_a_trial_that_did_not_finish_is_an_error_and_runs_no_trial(
@@ -695,3 +689,17 @@ def test_a_run_that_fails_before_its_first_trial_leaves_an_empty_output_empty(tm
     assert main(["--select", "trial:0", "--output", str(output)]) == 1
     assert "there is no study" in capsys.readouterr().err
     assert output.is_dir() and not any(output.iterdir())  # not even the marker a run leaves
+
+
+def test_a_failed_run_keeps_a_study_another_run_began_in_the_same_empty_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "shared"
+    output.mkdir()
+
+    def another_run_begins_then_this_one_fails(settings, output, storage_url, study_name):
+        optuna.create_study(study_name="other", storage=open_storage(storage_url))
+        raise UserError("this run's own mistake")
+
+    monkeypatch.setattr(pipeline, "check_before_loading", another_run_begins_then_this_one_fails)
+    assert main(["--output", str(output)]) == 1
+    assert folder_holds_study(output)

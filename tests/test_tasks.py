@@ -111,3 +111,21 @@ def test_task_mistakes_are_one_line(tmp_path: Path, monkeypatch, capsys, flags, 
     assert main(["evaluate", "--model", str(source), "--original", str(source), *EVAL, *flags]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and err[-1].startswith("abliterate: error:")
+
+
+def test_lm_eval_gets_the_system_prompt_where_the_template_takes_no_system_message():
+    from conftest import NO_SYSTEM_TEMPLATE
+    from lm_eval.models.huggingface import HFLM
+    from test_evaluate import tiny_chat_model
+
+    from abliterate.tasks import _harness_model
+
+    chat = tiny_chat_model()
+    chat.tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    # lm-eval alone drops the system message the template refuses.
+    assert "Be brief." not in HFLM(pretrained=chat.model, tokenizer=chat.tokenizer).apply_chat_template(
+        history
+    )
+    harness = _harness_model(HFLM, chat, batch_size=2)
+    assert harness.apply_chat_template(history) == "<|user|>Be brief.\n\nhi<|end|><|assistant|>"

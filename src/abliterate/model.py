@@ -68,6 +68,15 @@ THINKING_MARKERS = (
 )
 
 
+def fold_system_message(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """A leading system message put before the text of the message after it, for chat templates
+    that take no system message."""
+    if len(messages) < 2 or messages[0]["role"] != "system":
+        return messages
+    system, first, *rest = messages
+    return [{**first, "content": f"{system['content']}\n\n{first['content']}"}, *rest]
+
+
 @dataclass
 class ChatModel:
     model: transformers.PreTrainedModel
@@ -123,28 +132,36 @@ class ChatModel:
     def format_conversation(self, messages: list[dict[str, str]]) -> str:
         """The chat template applied to `messages`, after the system prompt if there is one: as a
         system message, or before the first message's text where the template takes none."""
-        if self.system_prompt and self.template_takes_system_prompt:
+        if self.system_prompt:
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        elif self.system_prompt:
-            first, *rest = messages
-            messages = [{**first, "content": f"{self.system_prompt}\n\n{first['content']}"}, *rest]
+            if not self.template_takes_system_prompt:
+                messages = fold_system_message(messages)
         try:
             return self._apply_template(messages)
         except jinja2.TemplateError as error:
-            raise UserError(
-                f"the chat template of {self.name} fails ({error}); pass a working one with --chat-template"
-            ) from None
+            raise self._template_fails(error) from None
 
     @functools.cached_property
     def template_takes_system_prompt(self) -> bool:
         """Whether the chat template takes a system message. Gemma 2's refuses one ("System role not
         supported"); Google's advice, and what Gemma 3's template does itself, is to put it before
-        the user's first message."""
+        the user's first message (`fold_system_message`). A template that fails without one is an
+        error of its own."""
+        user = {"role": "user", "content": "?"}
         try:
-            self._apply_template([{"role": "system", "content": "?"}, {"role": "user", "content": "?"}])
+            self._apply_template([user])
+        except jinja2.TemplateError as error:
+            raise self._template_fails(error) from None
+        try:
+            self._apply_template([{"role": "system", "content": "?"}, user])
         except jinja2.TemplateError:
             return False
         return True
+
+    def _template_fails(self, error: jinja2.TemplateError) -> UserError:
+        return UserError(
+            f"the chat template of {self.name} fails ({error}); pass a working one with --chat-template"
+        )
 
     def _apply_template(self, messages: list[dict[str, str]]) -> str:
         options = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}

@@ -263,7 +263,9 @@ def _remove_if_unused(output: Path, created: list[Path]) -> None:
             summaries = optuna.get_all_study_summaries(open_storage(folder_storage_url(output)))
         except Exception:  # a file the storage cannot read: keep it for the user to look at
             return
-        if any(summary.n_trials for summary in summaries):
+        # In a folder that was there before, a study even without trials may be another run's,
+        # begun beside this one.
+        if any(summary.n_trials for summary in summaries) or (summaries and not created):
             return
     if not created:
         for entry in output.iterdir():

@@ -4,7 +4,8 @@
 that what an abliteration costs in capability sits beside what it removed in refusals. Tasks are
 lm-eval's own names (hub datasets, downloaded by lm-eval), or tasks of your own: a folder of task
 YAML files given as `--task-path`. Every task reads its prompts through the model's chat template,
-after the study's system prompt, as the model is used; the model is scored as it is loaded,
+after the study's system prompt (before the first message where the template takes no system
+message, as in a study), as the model is used; the model is scored as it is loaded,
 without being moved or reloaded, and its `generation_config.max_new_tokens` is lifted while
 lm-eval runs, as it would override each task's own generation length.
 """
@@ -20,10 +21,25 @@ from pathlib import Path
 from unittest import mock
 
 from abliterate.errors import UserError
-from abliterate.model import ChatModel
+from abliterate.model import ChatModel, fold_system_message
 
 # A task's scores: lm-eval's "metric,filter" keys (`acc,none`, `exact_match,strict-match`) to values.
 TaskScores = dict[str, dict[str, float]]
+
+
+def _harness_model(harness_class: type, model: ChatModel, batch_size: int):
+    """lm-eval's model around ours. Where the chat template takes no system message, lm-eval would
+    drop the system prompt; it goes before the first message instead, as in a study's scoring."""
+
+    class Harness(harness_class):
+        def apply_chat_template(
+            self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+        ) -> str:
+            if not model.template_takes_system_prompt:
+                chat_history = fold_system_message(chat_history)
+            return super().apply_chat_template(chat_history, add_generation_prompt)
+
+    return Harness(pretrained=model.model, tokenizer=model.tokenizer, batch_size=batch_size)
 
 
 def run_tasks(
@@ -57,7 +73,7 @@ def run_tasks(
             quiet.enter_context(mock.patch.object(lm_eval.evaluator, "add_env_info", lambda _results: None))
             quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))  # its progress bars
             results = lm_eval.simple_evaluate(
-                model=HFLM(pretrained=model.model, tokenizer=model.tokenizer, batch_size=batch_size),
+                model=_harness_model(HFLM, model, batch_size),
                 tasks=list(tasks),
                 task_manager=manager,
                 limit=limit,
