@@ -32,6 +32,7 @@ from torch import nn
 from abliterate.ablation import ablate_
 from abliterate.checkpoint import checkpoint_part, key_files, locate, parameter_part, safetensors_files
 from abliterate.components import EditableModel, Matrix
+from abliterate.conflicts import reset_conflict, row_norm_conflict
 from abliterate.errors import UserError
 
 GiB = 1024**3
@@ -234,10 +235,9 @@ class AdapterEditor(Editor):
             self.hooks[matrix.name] = hook
 
     def apply(self, edits: Iterable[Edit], row_norm: str = "none") -> None:
-        if row_norm == "full":
-            raise UserError(
-                "--row-norm full changes every row's scale and cannot be expressed as an adapter; use none or pre"
-            )
+        conflict = row_norm_conflict(row_norm, "the adapter edits these weights")
+        if conflict:
+            raise UserError(conflict)
         for edit in edits:
             for matrix in self.editable.components[edit.layer].get(edit.component, []):
                 self.hooks[matrix.name].set(edit.direction, edit.weight, row_norm)
@@ -344,14 +344,9 @@ def choose_strategy(
     """`auto`: adapter for quantized weights, else the fastest cache that fits, else disk."""
     quantized = is_quantized(editable)
     if requested != "auto":
-        if quantized and requested != "adapter":
-            raise UserError(
-                f"--reset {requested} cannot restore 4-bit weights; use --reset adapter (or auto)"
-            )
-        if not cache_weights and requested in ("gpu-cache", "host-cache"):
-            raise UserError(
-                f"--reset {requested} keeps a cache, but --cache-weights is false; drop one of the two"
-            )
+        conflict = reset_conflict(requested, quantized, cache_weights)
+        if conflict:
+            raise UserError(conflict)
         return Choice(requested, "requested")
     if quantized:
         return Choice("adapter", "4-bit weights cannot be edited in place")

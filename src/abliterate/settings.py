@@ -25,6 +25,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from abliterate.conflicts import reset_conflict, row_norm_conflict
 from abliterate.errors import SettingsError
 
 ResetName = Literal["auto", "gpu-cache", "host-cache", "disk", "reload", "adapter"]
@@ -259,21 +260,17 @@ class Settings(BaseSettings):
             )
         # Conflicts the model need not be loaded to see (a model quantized in its own files is
         # found out at load, by the same words).
-        adapter = self.reset == "adapter" or (self.quantization != "none" and self.reset == "auto")
-        if self.row_norm == "full" and adapter:
-            raise ValueError(
-                "--row-norm full changes every row's scale and cannot be expressed as an adapter "
-                f"({'--reset adapter' if self.reset == 'adapter' else '4-bit weights are edited through one'}); "
-                "use none or pre"
-            )
-        if self.quantization != "none" and self.reset not in ("auto", "adapter"):
-            raise ValueError(
-                f"--reset {self.reset} cannot restore 4-bit weights; use --reset adapter (or auto)"
-            )
-        if not self.cache_weights and self.reset in ("gpu-cache", "host-cache"):
-            raise ValueError(
-                f"--reset {self.reset} keeps a cache, but --cache-weights is false; drop one of the two"
-            )
+        if self.reset == "adapter":
+            adapter_because = "--reset adapter"
+        elif self.quantization != "none" and self.reset == "auto":
+            adapter_because = "4-bit weights are edited through one"
+        else:
+            adapter_because = None
+        conflict = row_norm_conflict(self.row_norm, adapter_because) or reset_conflict(
+            self.reset, self.quantization != "none", self.cache_weights
+        )
+        if conflict:
+            raise ValueError(conflict)
         if self.chat and self.select == "none":
             raise ValueError("--chat talks to the saved model, but --select none saves none; pick a trial")
         if self.refusal_classifier is not None and self.refusal_judge == "markers":
