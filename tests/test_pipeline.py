@@ -703,3 +703,30 @@ def test_a_failed_run_keeps_a_study_another_run_began_in_the_same_empty_folder(t
     monkeypatch.setattr(pipeline, "check_before_loading", another_run_begins_then_this_one_fails)
     assert main(["--output", str(output)]) == 1
     assert folder_holds_study(output)
+
+
+def test_a_model_with_layers_offloaded_to_disk_is_refused_before_its_study(
+    model, tmp_path, monkeypatch, capsys
+):
+    """accelerate keeps offloaded layers on the meta device: edits written there would reach nothing."""
+    monkeypatch.chdir(tmp_path)
+    loaded = load_chat_model(str(model), dtypes=["float32"], device_map="cpu")
+    layers = loaded.model.config.num_hidden_layers
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    device_map |= {f"model.layers.{i}": "disk" if i == layers - 1 else "cpu" for i in range(layers)}
+    loaded.model = transformers.AutoModelForCausalLM.from_pretrained(
+        model, device_map=device_map, offload_folder=str(tmp_path / "offload"), dtype=torch.float32
+    )
+    monkeypatch.setattr(pipeline, "load_for_scoring", lambda *args: loaded)
+    assert main(["--model", str(model), *FAST, "--output", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"abliterate: error: 2 of tiny's editable matrices (model.layers.{layers - 1}.self_attn.o_proj.weight, ...) "
+        "are offloaded to the CPU or disk by --device-map auto, where edits cannot reach them; make the model fit "
+        "its devices (--quantization bnb-4bit, more GPUs) or run it all on the CPU (--device-map cpu)"
+    )
+    assert not (tmp_path / "o").exists()

@@ -74,6 +74,12 @@ class EditableModel:
     def editable_bytes(self) -> int:
         return sum(matrix.nbytes for *_, matrix in self.matrices())
 
+    def offloaded(self) -> list[str]:
+        """The editable matrices accelerate keeps off the model's devices (`--device-map auto` with
+        too little GPU memory places layers on the CPU or disk): they sit on the meta device and are
+        read from elsewhere for every forward pass, so an edit written into them reaches nothing."""
+        return [matrix.name for *_, matrix in self.matrices() if matrix.parameter.device.type == "meta"]
+
 
 def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ModuleList of decoder layers: the longest `layers`/`h`/`blocks` list in the model."""

@@ -310,6 +310,13 @@ def prepare(
     if settings.system_prompt and not model.template_takes_system_prompt:
         console.print("the chat template takes no system message: --system-prompt is put before each prompt")
     editable = find_components(model.model)
+    offloaded = editable.offloaded()
+    if offloaded:
+        raise UserError(
+            f"{len(offloaded)} of {model.name}'s editable matrices ({offloaded[0]}, ...) are offloaded to the "
+            f"CPU or disk by --device-map {settings.device_map}, where edits cannot reach them; make the model "
+            "fit its devices (--quantization bnb-4bit, more GPUs) or run it all on the CPU (--device-map cpu)"
+        )
     output, storage_url, study_name = study_location(settings)
     prepare_output(output, model.folder)  # again: a hub model's folder is known only now
     clean_partials(output)
