@@ -323,6 +323,14 @@ def test_a_system_prompt_goes_before_the_first_message_where_the_template_takes_
     )
     assert text == "<|user|>Be brief.\n\nhi<|end|><|assistant|>hello<|end|><|user|>?<|end|><|assistant|>"
     assert ChatModel(None, tiny_tokenizer(), "tiny", None).template_takes_system_prompt
+    # A template that drops the system message unsaid gets it before the first message too.
+    tokenizer.chat_template = (
+        "{% for m in messages if m['role'] != 'system' %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    silent = ChatModel(None, tokenizer, "tiny", None, system_prompt="Be brief.")
+    assert not silent.template_takes_system_prompt
+    assert silent.format("hi") == "<|user|>Be brief.\n\nhi<|end|><|assistant|>"
 
 
 def test_a_study_says_where_its_system_prompt_goes_and_a_broken_template_is_one_line(

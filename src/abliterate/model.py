@@ -144,19 +144,19 @@ class ChatModel:
     @functools.cached_property
     def template_takes_system_prompt(self) -> bool:
         """Whether the chat template takes a system message. Gemma 2's refuses one ("System role not
-        supported"); Google's advice, and what Gemma 3's template does itself, is to put it before
-        the user's first message (`fold_system_message`). A template that fails without one is an
-        error of its own."""
+        supported"), and some templates drop it unsaid; Google's advice, and what Gemma 3's template
+        does itself, is to put it before the user's first message (`fold_system_message`). A
+        template that fails without one is an error of its own."""
         user = {"role": "user", "content": "?"}
         try:
             self._apply_template([user])
         except jinja2.TemplateError as error:
             raise self._template_fails(error) from None
+        probe = "abliterate-system-probe"
         try:
-            self._apply_template([{"role": "system", "content": "?"}, user])
+            return probe in self._apply_template([{"role": "system", "content": probe}, user])
         except jinja2.TemplateError:
             return False
-        return True
 
     def _template_fails(self, error: jinja2.TemplateError) -> UserError:
         return UserError(
