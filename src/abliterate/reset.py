@@ -20,6 +20,7 @@ devices keep their identity and the result is bit-identical to the original.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -280,10 +281,7 @@ class _RankOneHook:
     def set(self, direction: torch.Tensor, weight: float, row_norm: str) -> None:
         r = (direction / direction.norm()).float().to(self.u.device)
         if row_norm == "pre":
-            # Clamped as the in-place edit clamps them (`ablation.ablate`): a zero row stays zero, not NaN.
-            norms = _dequantized(self.matrix).norm(dim=-1).float().clamp_min(torch.finfo(torch.float32).tiny)
-            if norms.dim() > 1:
-                raise UserError("--row-norm pre with --reset adapter is not supported for fused experts")
+            norms = self._row_norms
             self.u.copy_(norms * r)
             self.v.copy_(r / norms)
         else:
@@ -291,6 +289,15 @@ class _RankOneHook:
             self.v.copy_(r)
         self.weight.fill_(weight)
         self.active = weight != 0.0
+
+    @functools.cached_property
+    def _row_norms(self) -> torch.Tensor:
+        """The matrix's row norms, which no trial changes: dequantized once, not every trial. Clamped
+        as the in-place edit clamps them (`ablation.ablate`): a zero row stays zero, not NaN."""
+        norms = _dequantized(self.matrix).norm(dim=-1).float().clamp_min(torch.finfo(torch.float32).tiny)
+        if norms.dim() > 1:
+            raise UserError("--row-norm pre with --reset adapter is not supported for fused experts")
+        return norms
 
     @torch.no_grad()
     def clear(self) -> None:
