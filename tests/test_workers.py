@@ -99,12 +99,24 @@ def test_a_killed_worker_loses_its_trial_and_the_others_finish(model, storage, t
             break
     # Killed while a trial of its own is being evaluated (the worker's mark is its first write).
     mark = f"{socket.gethostname()}:{victim.pid}:"  # then the process's start time
-    while victim.poll() is None and not any(
-        t.state == TrialState.RUNNING and str(t.user_attrs.get("worker")).startswith(mark)
-        for t in trials_of(storage, study)
-    ):
-        time.sleep(0.005)
-    assert victim.poll() is None, "the worker ended before it could be killed mid-trial"
+    # Opened once and only read: a stopped victim may hold the journal's lock, which opening takes.
+    opened = open_storage(storage)
+
+    def victims_running_trial() -> int | None:
+        trials = optuna.load_study(study_name=study, storage=opened).get_trials(deepcopy=False)
+        running = (t for t in trials if t.state == TrialState.RUNNING)
+        return next((t.number for t in running if str(t.user_attrs.get("worker")).startswith(mark)), None)
+
+    while True:
+        assert victim.poll() is None, "the worker ended before it could be killed mid-trial"
+        number = victims_running_trial()
+        if number is None:
+            time.sleep(0.005)
+            continue
+        victim.send_signal(signal.SIGSTOP)  # frozen: its trial cannot end between this look and the kill
+        if victims_running_trial() == number:
+            break
+        victim.send_signal(signal.SIGCONT)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     errors = [worker.communicate(timeout=600)[1] for worker in workers[1:]]
@@ -114,11 +126,8 @@ def test_a_killed_worker_loses_its_trial_and_the_others_finish(model, storage, t
     assert len(complete) == N_TRIALS
     # The trial it had in flight was marked failed (by the heartbeat, or in a journal by its process
     # id once the others reached the last slots), and never counted.
+    assert next(trial for trial in trials if trial.number == number).state == TrialState.FAIL
     unfinished = [trial for trial in trials if trial.state != TrialState.COMPLETE]
-    assert any(
-        trial.state == TrialState.FAIL and str(trial.user_attrs.get("worker")).startswith(mark)
-        for trial in unfinished
-    )
     assert all(trial.state in (TrialState.FAIL, TrialState.PRUNED) for trial in unfinished)
 
 
