@@ -183,7 +183,7 @@ def test_a_compiled_study_runs_our_loop_and_keeps_torch_compiles_caches_in_its_f
     model, reset, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setattr("abliterate.CHOSEN_COMPILE_CACHE", None)
     # As if the model were on one CUDA GPU: our greedy loop then runs, uncompiled on the CPU.
     monkeypatch.setattr("abliterate.compiled.compiled_generation_blocker", lambda *args: None)
     argv = ["--model", str(model), *FAST, "--reset", reset, "--select", "none", "--output", str(tmp_path / "o")]  # fmt: skip
@@ -192,6 +192,7 @@ def test_a_compiled_study_runs_our_loop_and_keeps_torch_compiles_caches_in_its_f
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "o").resolve() / "compile-cache")
     # A place the user chose stays theirs.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setattr("abliterate.CHOSEN_COMPILE_CACHE", str(tmp_path / "mine"))
     assert main([*argv, "--n-trials", "3"]) == 0
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
 

@@ -10,6 +10,7 @@ import optuna
 import torch
 from rich.console import Console
 
+import abliterate
 from abliterate.errors import UserError
 from abliterate.evaluate import Evaluator
 from abliterate.judge import RefusalCount
@@ -40,10 +41,15 @@ COMPILE_CACHE = "compile-cache"
 
 def keep_compiled_code_in(output: Path) -> None:
     """torch.compile's on-disk caches (inductor's generated code, Triton's kernels) in the study's
-    folder, unless TORCHINDUCTOR_CACHE_DIR already names a place: a resumed study, and a worker of
+    folder, unless the user's TORCHINDUCTOR_CACHE_DIR names a place: a resumed study, and a worker of
     another machine sharing the folder, load the decoder's kernels instead of compiling them again.
-    Set before the first compile, which fixes the place for the process."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(output.resolve() / COMPILE_CACHE))
+
+    Set before the first compile; inductor reads the variable whenever it opens its cache. Whether
+    the user set it is read when abliterate is imported (`CHOSEN_COMPILE_CACHE`): by now importing
+    torch._dynamo has set it to torch's default in /tmp, where a test of it alone would look.
+    """
+    if abliterate.CHOSEN_COMPILE_CACHE is None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(output.resolve() / COMPILE_CACHE)
 
 
 def pin_decoder(study: optuna.Study, model: ChatModel) -> None:

@@ -1,0 +1,47 @@
+"""torch.compile's caches go to the study's folder, where a resumed study finds them again."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# A fresh process, as a study is: importing our pipeline imports torch._dynamo, which sets
+# TORCHINDUCTOR_CACHE_DIR to torch's default before the study knows its folder.
+COMPILE_IN_A_STUDY_FOLDER = """
+import os
+import sys
+from pathlib import Path
+import torch
+import abliterate.pipeline
+from abliterate.compiled import keep_compiled_code_in
+keep_compiled_code_in(Path(sys.argv[1]))
+if sys.argv[2] == "compile":
+    torch.compile(lambda x: torch.sin(x) * 2 + 1)(torch.randn(8))
+print(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+"""
+
+
+def compile_in(folder: Path, cache_dir: Path | None, compile: bool = True) -> str:
+    """Run a study's set-up in a fresh process and compile a function; the cache place it used."""
+    environment = {name: value for name, value in os.environ.items() if name != "TORCHINDUCTOR_CACHE_DIR"}
+    if cache_dir is not None:
+        environment["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+    src = Path(__file__).resolve().parents[1] / "src"
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), environment.get("PYTHONPATH")]))
+    command = [sys.executable, "-c", COMPILE_IN_A_STUDY_FOLDER, str(folder), "compile" if compile else "no"]
+    run = subprocess.run(command, check=True, env=environment, capture_output=True, text=True)
+    return run.stdout.strip()
+
+
+@pytest.mark.slow
+def test_compiled_code_lands_in_the_study_folder(tmp_path):
+    assert compile_in(tmp_path / "study", cache_dir=None) == str(tmp_path / "study" / "compile-cache")
+    assert (tmp_path / "study" / "compile-cache" / "fxgraph").is_dir()
+
+
+def test_a_cache_place_the_user_named_stays_theirs(tmp_path):
+    assert compile_in(tmp_path / "study", cache_dir=tmp_path / "mine", compile=False) == str(tmp_path / "mine")
