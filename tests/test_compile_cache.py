@@ -44,4 +44,5 @@ def test_compiled_code_lands_in_the_study_folder(tmp_path):
 
 
 def test_a_cache_place_the_user_named_stays_theirs(tmp_path):
-    assert compile_in(tmp_path / "study", cache_dir=tmp_path / "mine", compile=False) == str(tmp_path / "mine")
+    mine = tmp_path / "mine"
+    assert compile_in(tmp_path / "study", cache_dir=mine, compile=False) == str(mine)
