@@ -3,9 +3,9 @@
 For each model shape: a short study with the compiled decoder (`--compile true`), then two copies of its
 folder resumed for a few more trials, one as it was and one without its `compile-cache/` (torch.compile's
 generated code and kernels, see `compiled.keep_compiled_code_in`). Printed per run: its wall time, and the
-time from its start to its first new trial (the storage's start time of that trial), which is what the
-cache can shorten: loading, directions, the baseline count (where the decoder compiles) and any compile
-left. The resumed runs count the original model's refusals again, as every run does.
+time from its start to its first new trial's start and end (the storage's times). A first run compiles
+the decoder while it counts the original model's refusals, before its first trial; a resumed run has
+that count stored, so it compiles (or loads the compiled code) in its first new trial.
 
     PYTHONPATH=src:/tmp/site:benchmarks python3 benchmarks/resume.py --workdir /dev/shm/resume --models 0.5b,7b
 """
@@ -28,8 +28,9 @@ from abliterate.compiled import COMPILE_CACHE
 from abliterate.storage import folder_storage_url, open_storage
 
 
-def run_study(model: Path, output: Path, trials: int, args) -> tuple[float, float]:
-    """Run (or resume) a study up to `trials`; its wall time and the seconds until its first new trial."""
+def run_study(model: Path, output: Path, trials: int, args) -> tuple[float, float, float]:
+    """Run (or resume) a study up to `trials`: its wall time, and the seconds until its first new
+    trial began and ended."""
     storage = folder_storage_url(output)
     done = len(_trials(output)) if output.exists() else 0
     command = [
@@ -44,8 +45,12 @@ def run_study(model: Path, output: Path, trials: int, args) -> tuple[float, floa
     started = time.perf_counter()
     subprocess.run(command, check=True, stdin=subprocess.DEVNULL, env=environment)
     wall = time.perf_counter() - started
-    first_new = min(trial.datetime_start for trial in _trials(output) if trial.number >= done)
-    return wall, (first_new - started_at).total_seconds()
+    first_new = min((t for t in _trials(output) if t.number >= done), key=lambda t: t.number)
+    return (
+        wall,
+        (first_new.datetime_start - started_at).total_seconds(),
+        (first_new.datetime_complete - started_at).total_seconds(),
+    )
 
 
 def _trials(output: Path) -> list[optuna.trial.FrozenTrial]:
@@ -76,9 +81,9 @@ def main() -> None:
             if not keep_cache:
                 shutil.rmtree(copy / COMPILE_CACHE)
             rows.append((name, label, *run_study(model, copy, args.trials + args.more, args)))
-    print(f"\n{'model':<6} {'run':<24} {'wall s':>8} {'to first new trial s':>21}")
-    for name, label, wall, to_first in rows:
-        print(f"{name:<6} {label:<24} {wall:>8.1f} {to_first:>21.1f}")
+    print(f"\n{'model':<6} {'run':<24} {'wall s':>8} {'first new trial begins s':>25} {'and ends s':>11}")
+    for name, label, wall, begins, ends in rows:
+        print(f"{name:<6} {label:<24} {wall:>8.1f} {begins:>25.1f} {ends:>11.1f}")
 
 
 if __name__ == "__main__":
