@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 
 import optuna
 import psutil
@@ -237,6 +238,17 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed(tmp_path
     # A heartbeat is stale only once older than the grace period, by the database's clock (whole
     # seconds in SQLite): this fresh one is not yet.
     assert storage.get_trial(beating._trial_id).state == TrialState.RUNNING
+
+
+def test_a_trial_stamped_by_a_clock_hours_behind_is_not_failed_before_its_heartbeat_is_due(tmp_path):
+    # A worker on a host whose local time is three hours behind ours has just made this trial.
+    storage = open_storage(f"sqlite:///{tmp_path / 'db'}")
+    study = optuna.create_study(storage=storage, directions=["minimize"] * 2)
+    trial = optuna.trial.create_trial(state=TrialState.RUNNING)
+    trial.datetime_start = datetime.now() - timedelta(hours=3)
+    trial_id = storage.create_new_trial(study._study_id, template_trial=trial)
+    fail_stale_trials(study)
+    assert storage.get_trial(trial_id).state == TrialState.RUNNING
 
 
 def test_workers_that_open_the_study_together_draw_different_trials(tmp_path):

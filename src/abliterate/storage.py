@@ -17,7 +17,6 @@ import socket
 import sqlite3
 import time
 import warnings
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO
 
@@ -171,26 +170,40 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
 
     Optuna creates a trial, then starts the thread that beats for it. A worker killed between the
     two leaves a running trial with no heartbeat at all, which Optuna never counts as stale: the
-    other workers would wait for its slot forever. Such a trial, once older than the grace period,
-    is stale too (a live worker beats within moments of creating its trial).
+    other workers would wait for its slot forever. Such a trial is stale too once this process has
+    seen it without a heartbeat for longer than the grace period (a live worker beats within moments
+    of creating its trial). Timed by this process's own clock: a trial's start time is the local
+    time of the host that made it, which may run in another time zone or drift.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._silent_since: dict[
+            int, float
+        ] = {}  # trial id: when this process first saw it without a heartbeat
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         stale = super()._get_stale_trial_ids(study_id)
         # Optuna's grace period, as Optuna reads it.
         grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
-        # datetime_start reads as local time, stamped by the worker that created the trial.
-        cutoff = datetime.now() - timedelta(seconds=grace)
-        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        old = [trial._trial_id for trial in running if trial.datetime_start and trial.datetime_start < cutoff]
-        if not old:
-            return stale
+        running = [
+            t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        ]
+        silent = set(running) - self._beating(running)
+        now = time.monotonic()
+        self._silent_since = {trial_id: self._silent_since.get(trial_id, now) for trial_id in silent}
+        return stale + sorted(trial_id for trial_id in silent if now - self._silent_since[trial_id] > grace)
+
+    def _beating(self, trial_ids: list[int]) -> set[int]:
+        """Which of `trial_ids` have a heartbeat."""
+        if not trial_ids:
+            return set()
         heartbeat = optuna_tables.TrialHeartbeatModel
         with self.scoped_session() as session:
-            beating = {
-                row.trial_id for row in session.query(heartbeat.trial_id).filter(heartbeat.trial_id.in_(old))
+            return {
+                row.trial_id
+                for row in session.query(heartbeat.trial_id).filter(heartbeat.trial_id.in_(trial_ids))
             }
-        return stale + [trial_id for trial_id in old if trial_id not in beating]
 
 
 def folder_storage_url(output: Path) -> str:
