@@ -184,6 +184,15 @@ def test_an_adapter_run_without_the_models_files_is_refused_before_the_study():
         make_editor("adapter", model, find_components(model), folder=None)
 
 
+@pytest.mark.parametrize("strategy", ["gpu-cache", "adapter"])
+def test_no_editor_is_made_over_matrices_offloaded_to_the_meta_device(strategy, tmp_path):
+    model = tiny_model("llama")
+    # accelerate leaves an offloaded layer's weights on the meta device.
+    model.model.layers[1].mlp.down_proj.to_empty(device="meta")
+    with pytest.raises(UserError, match=r"model.layers.1.mlp.down_proj.* and 0 more matrices are offloaded"):
+        make_editor(strategy, model, find_components(model), folder=tmp_path)
+
+
 def test_verify_restore_catches_a_corrupted_cache():
     model = tiny_model("llama")
     editable = find_components(model)

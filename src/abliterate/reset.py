@@ -432,6 +432,11 @@ def make_editor(
     reload: Callable[[], nn.Module] | None = None,
     verify: bool = False,
 ) -> Editor:
+    offloaded = editable.offloaded()
+    if offloaded:  # the pipeline says so earlier, with the fix; this guards library callers
+        raise UserError(
+            f"{offloaded[0]} and {len(offloaded) - 1} more matrices are offloaded: edits cannot reach them"
+        )
     if strategy == "adapter":
         if folder is None:  # found now, not after the study: the save merges the edit into those files
             raise UserError(
