@@ -178,9 +178,8 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._silent_since: dict[
-            int, float
-        ] = {}  # trial id: when this process first saw it without a heartbeat
+        # Each running trial without a heartbeat: when this process first saw it so.
+        self._silent_since: dict[int, float] = {}
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         stale = super()._get_stale_trial_ids(study_id)
