@@ -199,75 +199,19 @@ class TrialSeededSampler(optuna.samplers.TPESampler):
         return super().sample_independent(study, trial, param_name, param_distribution)
 
 
-class TrialSeededGP(optuna.samplers.GPSampler):
-    """EXPERIMENT: Gaussian-process sampler with the same seeding and warm starts."""
-
-    def __init__(self, seed: int, n_startup_trials: int, clip: bool):
-        super().__init__(seed=seed, n_startup_trials=n_startup_trials, warn_independent_sampling=False)
-        self.seed = seed
-        self.clip = clip
-        self.warm_starts: list[dict] = []
-
-    def before_trial(self, study, trial) -> None:
-        super().before_trial(study, trial)
-        trial_seed = (self.seed * 1_000_003 + trial.number) % 2**32
-        self._rng.rng.seed(trial_seed)
-        self._independent_sampler._rng.rng.seed(trial_seed)
-
-    @property
-    def n_startup_trials(self) -> int:
-        return self._n_startup_trials
-
-    @n_startup_trials.setter
-    def n_startup_trials(self, count: int) -> None:
-        self._n_startup_trials = count
-
-    def _warm_start(self, trial):
-        return self.warm_starts[trial.number] if trial.number < len(self.warm_starts) else None
-
-    def sample_relative(self, study, trial, search_space):
-        start = self._warm_start(trial)
-        if start is not None:
-            return {name: start[name] for name in search_space if name in start}
-        return super().sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        start = self._warm_start(trial)
-        if start is not None and param_name in start:
-            return start[param_name]
-        return super().sample_independent(study, trial, param_name, param_distribution)
-
-    def _sample_relative_impl(self, study, completed_trials, running_trials, search_space):
-        if self.clip:
-            import copy
-
-            clipped = []
-            for t in completed_trials:
-                t = copy.copy(t)
-                t._values = [t.values[0], min(t.values[1], 1.0)]
-                clipped.append(t)
-            completed_trials = clipped
-        return super()._sample_relative_impl(study, completed_trials, running_trials, search_space)
-
-
 def open_study(
     storage: optuna.storages.BaseStorage, study_name: str, seed: int, n_startup_trials: int, model_source: str
 ) -> optuna.Study:
     study = optuna.create_study(
         storage=storage, study_name=study_name, directions=["minimize", "minimize"], load_if_exists=True
     )
-    import os
-
-    if os.environ.get("ABL_EXP_SAMPLER", "tpe").startswith("gp"):
-        study.sampler = TrialSeededGP(seed, n_startup_trials, clip=os.environ["ABL_EXP_SAMPLER"] == "gp-clip")
-    else:
-        study.sampler = TrialSeededSampler(
-            seed,
-            n_startup_trials=n_startup_trials,
-            n_ei_candidates=128,  # a better pick for each trial, at a cost far below a trial's
-            multivariate=True,
-            constant_liar=True,  # several workers: running trials count as pessimistic results
-        )
+    study.sampler = TrialSeededSampler(
+        seed,
+        n_startup_trials=n_startup_trials,
+        n_ei_candidates=128,  # a better pick for each trial, at a cost far below a trial's
+        multivariate=True,
+        constant_liar=True,  # several workers: running trials count as pessimistic results
+    )
     stored = StudyData(study)
     stored_model = stored.model
     if stored_model is None:
