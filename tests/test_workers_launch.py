@@ -255,3 +255,14 @@ def test_the_variables_handed_to_workers_are_not_taken_for_settings():
 
     handed = {value for name, value in vars(workers).items() if name.endswith("_VARIABLE")}
     assert len(handed) == 4 and handed <= NOT_SETTINGS
+
+
+@pytest.mark.parametrize("chosen", [None, "/home/user/inductor"])
+def test_workers_get_the_compile_cache_place_as_the_user_set_it(monkeypatch, tmp_path, fake_workers, chosen):
+    # Importing torch._dynamo sets the variable to torch's default: a worker must not take that for
+    # the user's choice, or it would compile into /tmp instead of the study's folder.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", chosen or "/tmp/torchinductor_user")
+    monkeypatch.setattr("abliterate.CHOSEN_COMPILE_CACHE", chosen)
+    monkeypatch.setattr(workers, "_wait_for_directions", lambda *args: None)
+    workers.launch(Settings(workers=2), "sqlite://", "study", tmp_path)
+    assert [worker.env.get("TORCHINDUCTOR_CACHE_DIR") for worker in fake_workers.started] == [chosen, chosen]

@@ -52,6 +52,16 @@ def keep_compiled_code_in(output: Path) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(output.resolve() / COMPILE_CACHE)
 
 
+def users_environment() -> dict[str, str]:
+    """This process's environment for a worker process, with TORCHINDUCTOR_CACHE_DIR as the user set
+    it: torch's default, filled in when torch._dynamo was imported, would pass for the user's choice
+    there, and the worker would compile into /tmp instead of the study's folder."""
+    environment = dict(os.environ)
+    if abliterate.CHOSEN_COMPILE_CACHE is None:
+        environment.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    return environment
+
+
 def pin_decoder(study: optuna.Study, model: ChatModel) -> None:
     pin_scoring(study, {"--compile": str(model.compiled_generation).lower()})
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import optuna
 import torch
 
+from abliterate.compiled import users_environment
 from abliterate.errors import UserError
 from abliterate.settings import Settings
 from abliterate.storage import StudyData, open_storage
@@ -63,7 +64,7 @@ def launch(
     )  # fmt: skip
 
     def start(index: int, role: dict[str, str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
-        environment = dict(os.environ)
+        environment = users_environment()
         environment[SETTINGS_VARIABLE] = worker_settings.model_dump_json()
         environment[NAME_VARIABLE] = f"worker {index}" + (f" (GPU {devices[index]})" if devices else "")
         if devices:
