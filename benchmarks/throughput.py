@@ -40,6 +40,7 @@ import torch
 from bookkeeping import storage_url
 from trials import SYSTEM_PROMPT, prepare_model
 
+from abliterate.compiled import users_environment
 from abliterate.storage import open_storage
 
 
@@ -56,7 +57,7 @@ def run(model: Path, workdir: Path, workers: int, args) -> dict:
     ]  # fmt: skip
     started = time.perf_counter()
     with GpuBusy() as busy:
-        subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
+        subprocess.run(command, check=True, stdin=subprocess.DEVNULL, env=users_environment())
     wall = time.perf_counter() - started
     storage = open_storage(storage_url(args.storage, output))
     study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)

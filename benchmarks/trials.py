@@ -45,6 +45,7 @@ import torch
 import transformers
 from floor import Device, Floor, measure_device, trial_floor, workload_of
 
+from abliterate.compiled import users_environment
 from abliterate.judge import default_refusal_markers
 from abliterate.model import demo_model_path
 from abliterate.storage import folder_storage_url, open_storage
@@ -147,8 +148,12 @@ def run_ours(model: Path, workdir: Path, args, tool: str = "ours") -> list[dict]
         "--system-prompt", SYSTEM_PROMPT, "--row-norm", "none", "--select", "none", "--skip-dominated", "false",
         *OUR_FLAGS[tool],
     ]  # fmt: skip
-    # The console goes through, and is read for the batch size that `--batch-size 0` chose.
-    run = subprocess.run(command, check=True, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The console goes through, and is read for the batch size that `--batch-size 0` chose. Each run
+    # compiles into its own folder: a cache that one run filled in /tmp would shorten the next one's.
+    environment = users_environment()
+    run = subprocess.run(
+        command, check=True, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment
+    )
     sys.stderr.write(run.stderr)
     chosen = re.search(r"batch size (\d+)", run.stderr)
     args.chosen_batch_size = args.chosen_batch_size or (int(chosen.group(1)) if chosen else None)
