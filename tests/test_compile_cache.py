@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 import torch
+if sys.argv[3] == "dynamo-first":  # as a notebook that compiled something before importing us
+    import torch._dynamo
 import abliterate.pipeline
 from abliterate.compiled import keep_compiled_code_in
 keep_compiled_code_in(Path(sys.argv[1]))
@@ -25,14 +27,15 @@ print(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 """
 
 
-def compile_in(folder: Path, cache_dir: Path | None, compile: bool = True) -> str:
+def compile_in(folder: Path, cache_dir: Path | None, compile: bool = True, dynamo_first: bool = False) -> str:
     """Run a study's set-up in a fresh process and compile a function; the cache place it used."""
     environment = {name: value for name, value in os.environ.items() if name != "TORCHINDUCTOR_CACHE_DIR"}
     if cache_dir is not None:
         environment["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
     src = Path(__file__).resolve().parents[1] / "src"
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), environment.get("PYTHONPATH")]))
-    command = [sys.executable, "-c", COMPILE_IN_A_STUDY_FOLDER, str(folder), "compile" if compile else "no"]
+    flags = ["compile" if compile else "no", "dynamo-first" if dynamo_first else "us-first"]
+    command = [sys.executable, "-c", COMPILE_IN_A_STUDY_FOLDER, str(folder), *flags]
     run = subprocess.run(command, check=True, env=environment, capture_output=True, text=True)
     return run.stdout.strip()
 
@@ -46,3 +49,8 @@ def test_compiled_code_lands_in_the_study_folder(tmp_path):
 def test_a_cache_place_the_user_named_stays_theirs(tmp_path):
     mine = tmp_path / "mine"
     assert compile_in(tmp_path / "study", cache_dir=mine, compile=False) == str(mine)
+
+
+def test_torchs_own_default_is_no_choice_of_the_users(tmp_path):
+    study = tmp_path / "study"
+    assert compile_in(study, cache_dir=None, compile=False, dynamo_first=True) == str(study / "compile-cache")

@@ -9,6 +9,7 @@ from pathlib import Path
 import optuna
 import torch
 from rich.console import Console
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 import abliterate
 from abliterate.errors import UserError
@@ -44,11 +45,11 @@ def keep_compiled_code_in(output: Path) -> None:
     folder, unless the user's TORCHINDUCTOR_CACHE_DIR names a place: a resumed study, and a worker of
     another machine sharing the folder, load the decoder's kernels instead of compiling them again.
 
-    Set before the first compile; inductor reads the variable whenever it opens its cache. Whether
-    the user set it is read when abliterate is imported (`CHOSEN_COMPILE_CACHE`): by now importing
-    torch._dynamo has set it to torch's default in /tmp, where a test of it alone would look.
+    Set before the first compile; inductor reads the variable whenever it opens its cache. Importing
+    torch._dynamo sets it to torch's default in /tmp, so whether the user set it is read when
+    abliterate is imported (`CHOSEN_COMPILE_CACHE`), and torch's default never counts as a choice.
     """
-    if abliterate.CHOSEN_COMPILE_CACHE is None:
+    if _users_compile_cache() is None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(output.resolve() / COMPILE_CACHE)
 
 
@@ -57,9 +58,18 @@ def users_environment() -> dict[str, str]:
     it: torch's default, filled in when torch._dynamo was imported, would pass for the user's choice
     there, and the worker would compile into /tmp instead of the study's folder."""
     environment = dict(os.environ)
-    if abliterate.CHOSEN_COMPILE_CACHE is None:
+    if _users_compile_cache() is None:
         environment.pop("TORCHINDUCTOR_CACHE_DIR", None)
     return environment
+
+
+def _users_compile_cache() -> str | None:
+    """The compile cache place the user chose, if any. What was set when abliterate was imported may
+    be torch's default, where torch._dynamo was imported first (a notebook that compiled already)."""
+    chosen = abliterate.CHOSEN_COMPILE_CACHE
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        return None
+    return chosen
 
 
 def pin_decoder(study: optuna.Study, model: ChatModel) -> None:

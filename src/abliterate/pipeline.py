@@ -452,7 +452,9 @@ def _reload(model: ChatModel, trust_remote_code: bool) -> torch.nn.Module:
 
 def search(session: Session, console: Console) -> None:
     settings = session.settings
-    fail_stale_trials(session.study)  # a killed run's last trial is failed now, not waited for
+    # A killed run's last trial is failed now, not waited for (by its process id; one killed before
+    # its first heartbeat in an SQL storage, after the grace period).
+    fail_stale_trials(session.study)
     report_failed_trials(session.study, console)
     done = len(finished_trials(session.study))
     stored = StudyData(session.study)

@@ -435,7 +435,7 @@ def make_editor(
     offloaded = editable.offloaded()
     if offloaded:  # the pipeline says so earlier, with the fix; this guards library callers
         raise UserError(
-            f"{offloaded[0]} and {len(offloaded) - 1} more matrices are offloaded: edits cannot reach them"
+            f"editable matrices are offloaded ({offloaded[0]}, {len(offloaded)} in all): edits cannot reach them"
         )
     if strategy == "adapter":
         if folder is None:  # found now, not after the study: the save merges the edit into those files
