@@ -3,13 +3,14 @@ when it fails to compile (see `model.enable_compiled_generation` for the decoder
 
 from __future__ import annotations
 
+import getpass
 import os
+import tempfile
 from pathlib import Path
 
 import optuna
 import torch
 from rich.console import Console
-from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 import abliterate
 from abliterate.errors import UserError
@@ -67,9 +68,17 @@ def _users_compile_cache() -> str | None:
     """The compile cache place the user chose, if any. What was set when abliterate was imported may
     be torch's default, where torch._dynamo was imported first (a notebook that compiled already)."""
     chosen = abliterate.CHOSEN_COMPILE_CACHE
-    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(_torchs_default_cache()):
         return None
     return chosen
+
+
+def _torchs_default_cache() -> str:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # torch before 2.6: the same place, /tmp/torchinductor_USER
+        return os.path.join(tempfile.gettempdir(), "torchinductor_" + getpass.getuser())
+    return default_cache_dir()
 
 
 def pin_decoder(study: optuna.Study, model: ChatModel) -> None:
