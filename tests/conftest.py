@@ -24,14 +24,16 @@ from abliterate.storage import folder_storage_url, open_storage
 
 @pytest.fixture(autouse=True)
 def _compile_cache_place_as_it_was():
-    """A study that turns the compiled decoder on names TORCHINDUCTOR_CACHE_DIR for the whole
-    process (compiled.keep_compiled_code_in): each test leaves it as it found it."""
-    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    """A study that turns the compiled decoder on names the compile caches' places for the whole
+    process (compiled.keep_compiled_code_in): each test leaves them as it found them."""
+    names = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+    before = {name: os.environ.get(name) for name in names}
     yield
-    if before is None:
-        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    else:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 CHAT_TEMPLATE = (

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from abliterate.compiled import keep_compiled_code_in, users_environment
+
 # A fresh process, as a study is: importing our pipeline imports torch._dynamo, which sets
 # TORCHINDUCTOR_CACHE_DIR to torch's default before the study knows its folder.
 COMPILE_IN_A_STUDY_FOLDER = """
@@ -54,3 +56,15 @@ def test_a_cache_place_the_user_named_stays_theirs(tmp_path):
 def test_torchs_own_default_is_no_choice_of_the_users(tmp_path):
     study = tmp_path / "study"
     assert compile_in(study, cache_dir=None, compile=False, dynamo_first=True) == str(study / "compile-cache")
+
+
+def test_a_second_study_in_one_process_takes_the_triton_kernels_to_its_own_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr("abliterate.CHOSEN_COMPILE_CACHE", None)
+    monkeypatch.setattr("abliterate.CHOSEN_TRITON_CACHE", None)
+    keep_compiled_code_in(tmp_path / "first")
+    # What inductor's first Triton kernel does (on a GPU): it fixes the place under the first folder.
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "first" / "compile-cache" / "triton" / "0"))
+    keep_compiled_code_in(tmp_path / "second")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "second" / "compile-cache")
+    assert "TRITON_CACHE_DIR" not in os.environ  # inductor derives it from the second folder
+    assert "TRITON_CACHE_DIR" not in users_environment()

@@ -49,9 +49,13 @@ def keep_compiled_code_in(output: Path) -> None:
     Set before the first compile; inductor reads the variable whenever it opens its cache. Importing
     torch._dynamo sets it to torch's default in /tmp, so whether the user set it is read when
     abliterate is imported (`CHOSEN_COMPILE_CACHE`), and torch's default never counts as a choice.
+    Inductor's first Triton kernel sets TRITON_CACHE_DIR inside that place, for good: a second study
+    in the same process drops it, so that its kernels follow it to its own folder.
     """
     if _users_compile_cache() is None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(output.resolve() / COMPILE_CACHE)
+    if abliterate.CHOSEN_TRITON_CACHE is None:
+        os.environ.pop("TRITON_CACHE_DIR", None)
 
 
 def users_environment() -> dict[str, str]:
@@ -61,6 +65,8 @@ def users_environment() -> dict[str, str]:
     environment = dict(os.environ)
     if _users_compile_cache() is None:
         environment.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    if abliterate.CHOSEN_TRITON_CACHE is None:
+        environment.pop("TRITON_CACHE_DIR", None)
     return environment
 
 
