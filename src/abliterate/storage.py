@@ -185,15 +185,15 @@ class HeartbeatStorage(optuna.storages.RDBStorage):
         stale = super()._get_stale_trial_ids(study_id)
         # Optuna's grace period, as Optuna reads it.
         grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
-        running = [
+        running = {
             t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        ]
-        silent = set(running) - self._beating(running)
+        }
+        silent = running - self._beating(running)
         now = time.monotonic()
         self._silent_since = {trial_id: self._silent_since.get(trial_id, now) for trial_id in silent}
         return stale + sorted(trial_id for trial_id in silent if now - self._silent_since[trial_id] > grace)
 
-    def _beating(self, trial_ids: list[int]) -> set[int]:
+    def _beating(self, trial_ids: set[int]) -> set[int]:
         """Which of `trial_ids` have a heartbeat."""
         if not trial_ids:
             return set()
@@ -247,7 +247,7 @@ def open_storage(url: str, attempts: int = 5, existing: bool = False) -> optuna.
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
-        path = Path(url[len("journal:") :])
+        assert path is not None  # every journal URL names its file
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             lock = journal_lock(path)
